@@ -1,0 +1,82 @@
+"""Quality measures shared by the notebooks, the importance oracle and the pipeline."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters counted once each (tied input/output embeddings are one tensor)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, ids: torch.Tensor, *, context: int = 256, stride: int | None = None,
+               progress: bool = False) -> float:
+    """Sliding-window perplexity of a causal LM over one long token stream ``ids`` [T].
+
+    Each window of ``context`` tokens scores only the tokens not scored by the previous window,
+    so every token after the first is predicted once, with up to ``context - stride`` tokens of
+    left context (stride = context gives disjoint windows, the cheapest and most pessimistic).
+    """
+    ids = torch.as_tensor(ids).reshape(-1)
+    stride = stride or context
+    if context < 2:
+        raise ValueError(f"context must be >= 2 tokens, got {context}")
+    if not 1 <= stride <= context:
+        raise ValueError(f"stride must be in [1, context={context}], got {stride}")
+    if ids.numel() < 2:
+        raise ValueError(f"ids must hold at least 2 tokens, got {ids.numel()}")
+    device = next(model.parameters()).device
+    total_nll, total_tokens, scored_until = 0.0, 0, 0
+    starts = range(0, ids.numel() - 1, stride)
+    for start in tqdm(starts, desc="perplexity", disable=not progress):
+        end = min(start + context, ids.numel())
+        window = ids[start:end].to(device)[None]
+        logits = model(window).logits[0, :-1].float()
+        targets = window[0, 1:]
+        new = max(scored_until, start + 1) - start - 1  # positions already scored in this window
+        nll = nn.functional.cross_entropy(logits[new:], targets[new:], reduction="sum")
+        total_nll += nll.item()
+        total_tokens += targets.numel() - new
+        scored_until = end
+        if end == ids.numel():
+            break
+    return math.exp(total_nll / total_tokens)
+
+
+def repeated_ngram_share(tokens: list[int] | torch.Tensor, n: int = 3) -> float:
+    """Share of n-grams that already occurred earlier in the sequence (0 = none repeated).
+
+    Pruned decoders often fall into loops ("the the the", a sentence over and over); this number
+    catches them where perplexity on reference text does not.
+    """
+    tokens = [int(t) for t in torch.as_tensor(tokens).reshape(-1)]
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    if not grams:
+        return 0.0
+    seen: set[tuple[int, ...]] = set()
+    repeats = 0
+    for gram in grams:
+        repeats += gram in seen
+        seen.add(gram)
+    return repeats / len(grams)
+
+
+@torch.no_grad()
+def greedy_samples(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 40) -> list[dict]:
+    """Greedy continuations with their repetition share, one dict per prompt."""
+    device = next(model.parameters()).device
+    samples = []
+    for prompt in prompts:
+        inputs = tokenizer(prompt, return_tensors="pt").to(device)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        new = out[0, inputs["input_ids"].shape[1]:]
+        samples.append({"prompt": prompt, "text": tokenizer.decode(new, skip_special_tokens=True),
+                        "repeated_3gram_share": repeated_ngram_share(new, 3)})
+    return samples

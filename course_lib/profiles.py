@@ -1,0 +1,63 @@
+"""Run profiles: one setting, read in one place, that changes sizes but never code paths.
+
+``ci`` keeps every step small enough for 2 CPU cores and the embedded offline models; ``full`` is
+for a learner online with a GPU (hub models, long contexts). Choose with the environment variable
+``COURSE_PROFILE`` or by passing a name to :func:`get_profile`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    decoder: str  # a zoo name or a hub id
+    encoder: str
+    calib_samples: int  # calibration sequences
+    calib_tokens: int  # tokens per calibration sequence
+    ppl_context: int  # sliding-window perplexity context
+    ppl_stride: int
+    ppl_max_tokens: int  # cap on held-out tokens scored (0 = all)
+    eval_examples: int  # sentiment test examples scored (0 = all)
+    device: str
+
+
+PROFILES: dict[str, Profile] = {
+    "ci": Profile(
+        name="ci",
+        decoder="smollm2-135m",
+        encoder="minilm-l6",
+        calib_samples=16,
+        calib_tokens=128,
+        ppl_context=256,
+        ppl_stride=128,
+        ppl_max_tokens=4096,
+        eval_examples=512,
+        device="cpu",
+    ),
+    "full": Profile(
+        name="full",
+        decoder="smollm2-135m",
+        encoder="minilm-l6",
+        calib_samples=128,
+        calib_tokens=512,
+        ppl_context=2048,
+        ppl_stride=512,
+        ppl_max_tokens=0,
+        eval_examples=0,
+        device="cuda",
+    ),
+}
+
+ENV_VAR = "COURSE_PROFILE"
+
+
+def get_profile(name: str | None = None) -> Profile:
+    """Return the named profile, else the one in ``$COURSE_PROFILE``, else ``ci``."""
+    name = name if name is not None else os.environ.get(ENV_VAR, "ci")
+    if name not in PROFILES:
+        raise ValueError(f"profile={name!r} is unknown; choose one of {sorted(PROFILES)}")
+    return PROFILES[name]

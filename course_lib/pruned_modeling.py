@@ -1,0 +1,415 @@
+"""Family adapters and pruned model classes whose per-layer shapes survive save and reload.
+
+This file imports only ``torch`` and ``transformers`` on purpose: ``save_pretrained`` copies it
+beside the weights of a pruned model, so that ``AutoModel*.from_pretrained(dir,
+trust_remote_code=True)`` rebuilds the pruned shapes for a user who has only transformers
+installed. With ``course_lib`` imported, the ``pruned_*`` model types are registered with the
+Auto classes and no remote code is needed.
+
+Why it exists: transformers 5 has no ``prune_heads`` and no ``pruned_heads``, and a stock config
+holds one head count and one FFN width for every layer. A pruned model records its shapes in
+``config.layer_shapes`` (one ``{"num_attention_heads", "num_key_value_heads",
+"intermediate_size"}`` dict per layer) under a ``pruned_<family>`` model type; its class builds
+the stock model and then narrows each layer to those shapes.
+
+One adapter per architecture family gives uniform access to a block's attention projections,
+heads, KV groups and MLP. Importance, selection and surgery talk to adapters, never to
+``model.encoder.layer`` directly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    BertModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    LlamaModel,
+    MistralConfig,
+    MistralForCausalLM,
+    MistralForSequenceClassification,
+    MistralModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2ForSequenceClassification,
+    Qwen2Model,
+    RobertaConfig,
+    RobertaForMaskedLM,
+    RobertaForSequenceClassification,
+    RobertaModel,
+)
+
+
+def slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
+    """A new ``nn.Linear`` keeping ``index`` along ``dim`` (0 = output rows, 1 = input columns).
+
+    Works on real and on meta tensors, so loading a pruned checkpoint reuses this exact code to
+    narrow freshly built (meta) layers before the weights arrive.
+    """
+    weight = linear.weight.detach().index_select(dim, index.to(linear.weight.device))
+    bias = linear.bias
+    if bias is not None and dim == 0:
+        bias = bias.detach().index_select(0, index.to(bias.device))
+    out_features, in_features = weight.shape
+    new = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    new.weight = nn.Parameter(weight.clone(), requires_grad=linear.weight.requires_grad)
+    if bias is not None:
+        new.bias = nn.Parameter(bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+    return new
+
+
+def head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Row indices of the projection rows that belong to ``heads`` (in the given order)."""
+    heads = torch.as_tensor(heads, dtype=torch.long)
+    return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+
+
+class FamilyAdapter:
+    """Uniform access to one architecture family's blocks. Subclasses name the attributes."""
+
+    name: str = ""
+    model_types: tuple[str, ...] = ()
+    gated_mlp: bool = False
+
+    # ---- structure -------------------------------------------------------------------------
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def attention(self, block: nn.Module) -> nn.Module:
+        """The module that owns the q/k/v projections and the per-head attributes."""
+        raise NotImplementedError
+
+    def qkv(self, block: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+        raise NotImplementedError
+
+    def o_proj(self, block: nn.Module) -> nn.Linear:
+        """The projection whose input columns are the concatenated head outputs."""
+        raise NotImplementedError
+
+    def mlp_in(self, block: nn.Module) -> list[nn.Linear]:
+        """Projections whose output rows are the intermediate neurons (gate first if gated)."""
+        raise NotImplementedError
+
+    def mlp_out(self, block: nn.Module) -> nn.Linear:
+        raise NotImplementedError
+
+    def mlp_act(self, block: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def mlp_module(self, block: nn.Module) -> nn.Module:
+        """The module whose forward input is the block's MLP input (for hooks)."""
+        raise NotImplementedError
+
+    def config(self, model: nn.Module):
+        return model.config
+
+    # ---- per-layer shapes --------------------------------------------------------------------
+    def head_dim(self, model: nn.Module) -> int:
+        return self._head_dim(self.attention(self.blocks(model)[0]))
+
+    def _head_dim(self, attention: nn.Module) -> int:
+        raise NotImplementedError
+
+    def num_heads(self, block: nn.Module) -> int:
+        q, _, _ = self.qkv(block)
+        return q.out_features // self._head_dim(self.attention(block))
+
+    def num_kv_heads(self, block: nn.Module) -> int:
+        _, k, _ = self.qkv(block)
+        return k.out_features // self._head_dim(self.attention(block))
+
+    def intermediate_size(self, block: nn.Module) -> int:
+        return self.mlp_out(block).in_features
+
+    def layer_shape(self, block: nn.Module) -> dict[str, int]:
+        return {
+            "num_attention_heads": self.num_heads(block),
+            "num_key_value_heads": self.num_kv_heads(block),
+            "intermediate_size": self.intermediate_size(block),
+        }
+
+    # ---- narrowing (the only code that changes shapes) ---------------------------------------
+    def keep_heads(self, block: nn.Module, q_heads: torch.Tensor, kv_heads: torch.Tensor) -> None:
+        """Keep the listed query heads and KV heads of ``block``; the caller checks feasibility."""
+        attention = self.attention(block)
+        head_dim = self._head_dim(attention)
+        q_rows, kv_rows = head_rows(q_heads, head_dim), head_rows(kv_heads, head_dim)
+        q, k, v = self.qkv(block)
+        self._set_qkv(block, slice_linear(q, q_rows, 0), slice_linear(k, kv_rows, 0), slice_linear(v, kv_rows, 0))
+        self._set_o_proj(block, slice_linear(self.o_proj(block), q_rows, 1))
+        self._set_head_counts(attention, len(q_heads), len(kv_heads))
+
+    def keep_neurons(self, block: nn.Module, neurons: torch.Tensor) -> None:
+        neurons = torch.as_tensor(neurons, dtype=torch.long)
+        self._set_mlp([slice_linear(lin, neurons, 0) for lin in self.mlp_in(block)],
+                      slice_linear(self.mlp_out(block), neurons, 1), block)
+
+    def narrow_to(self, block: nn.Module, shape: dict[str, int]) -> None:
+        """Give ``block`` the recorded shape by keeping the first heads and neurons.
+
+        Used when a pruned checkpoint is loaded: the stock model is built (on the meta device
+        inside ``from_pretrained``), narrowed here, and only then are the weights filled in.
+        """
+        self.keep_heads(block, torch.arange(shape["num_attention_heads"]), torch.arange(shape["num_key_value_heads"]))
+        self.keep_neurons(block, torch.arange(shape["intermediate_size"]))
+
+    def _set_qkv(self, block, q, k, v) -> None:
+        raise NotImplementedError
+
+    def _set_o_proj(self, block, o) -> None:
+        raise NotImplementedError
+
+    def _set_mlp(self, ins: list[nn.Linear], out: nn.Linear, block) -> None:
+        raise NotImplementedError
+
+    def _set_head_counts(self, attention: nn.Module, n_heads: int, n_kv: int) -> None:
+        raise NotImplementedError
+
+    # ---- layers ------------------------------------------------------------------------------
+    def keep_layers(self, model: nn.Module, layers: list[int]) -> None:
+        """Keep the listed blocks, re-index them, and shorten every per-layer config list."""
+        blocks = self.blocks(model)
+        kept = nn.ModuleList([blocks[i] for i in layers])
+        self._set_blocks(model, kept)
+        for new_idx, block in enumerate(kept):
+            self._reindex(block, new_idx)
+        config = self.config(model)
+        config.num_hidden_layers = len(layers)
+        if getattr(config, "layer_types", None) is not None:
+            config.layer_types = [config.layer_types[i] for i in layers]
+        if getattr(config, "layer_shapes", None) is not None:
+            config.layer_shapes = [config.layer_shapes[i] for i in layers]
+
+    def _set_blocks(self, model, blocks: nn.ModuleList) -> None:
+        raise NotImplementedError
+
+    def _reindex(self, block, new_idx: int) -> None:
+        raise NotImplementedError
+
+
+class BertFamily(FamilyAdapter):
+    """BERT, RoBERTa, MiniLM: post-LN encoder blocks, one key/value head per query head."""
+
+    name = "bert"
+    model_types = ("bert", "roberta")
+
+    def blocks(self, model):
+        return model.base_model.encoder.layer
+
+    def _set_blocks(self, model, blocks):
+        model.base_model.encoder.layer = blocks
+
+    def attention(self, block):
+        return block.attention.self
+
+    def qkv(self, block):
+        a = block.attention.self
+        return a.query, a.key, a.value
+
+    def o_proj(self, block):
+        return block.attention.output.dense
+
+    def mlp_in(self, block):
+        return [block.intermediate.dense]
+
+    def mlp_out(self, block):
+        return block.output.dense
+
+    def mlp_act(self, block):
+        return block.intermediate.intermediate_act_fn
+
+    def mlp_module(self, block):
+        return block.intermediate
+
+    def _head_dim(self, attention):
+        return attention.attention_head_size
+
+    def _set_qkv(self, block, q, k, v):
+        a = block.attention.self
+        a.query, a.key, a.value = q, k, v
+
+    def _set_o_proj(self, block, o):
+        block.attention.output.dense = o
+
+    def _set_mlp(self, ins, out, block):
+        (block.intermediate.dense,) = ins
+        block.output.dense = out
+
+    def _set_head_counts(self, attention, n_heads, n_kv):
+        attention.num_attention_heads = n_heads
+        attention.all_head_size = n_heads * attention.attention_head_size
+
+    def _reindex(self, block, new_idx):
+        block.attention.self.layer_idx = new_idx
+
+
+class LlamaFamily(FamilyAdapter):
+    """Llama, Mistral, Qwen2 (biases on q/k/v), SmolLM2: pre-norm decoders with GQA/MQA/MHA."""
+
+    name = "llama"
+    model_types = ("llama", "mistral", "qwen2")
+    gated_mlp = True
+
+    def blocks(self, model):
+        return model.base_model.layers
+
+    def _set_blocks(self, model, blocks):
+        model.base_model.layers = blocks
+
+    def attention(self, block):
+        return block.self_attn
+
+    def qkv(self, block):
+        a = block.self_attn
+        return a.q_proj, a.k_proj, a.v_proj
+
+    def o_proj(self, block):
+        return block.self_attn.o_proj
+
+    def mlp_in(self, block):
+        return [block.mlp.gate_proj, block.mlp.up_proj]
+
+    def mlp_out(self, block):
+        return block.mlp.down_proj
+
+    def mlp_act(self, block):
+        return block.mlp.act_fn
+
+    def mlp_module(self, block):
+        return block.mlp
+
+    def _head_dim(self, attention):
+        return attention.head_dim
+
+    def _set_qkv(self, block, q, k, v):
+        a = block.self_attn
+        a.q_proj, a.k_proj, a.v_proj = q, k, v
+
+    def _set_o_proj(self, block, o):
+        block.self_attn.o_proj = o
+
+    def _set_mlp(self, ins, out, block):
+        block.mlp.gate_proj, block.mlp.up_proj = ins
+        block.mlp.down_proj = out
+        block.mlp.intermediate_size = out.in_features
+
+    def _set_head_counts(self, attention, n_heads, n_kv):
+        # The attention kernels repeat each KV head ``num_key_value_groups`` times.
+        attention.num_key_value_groups = n_heads // n_kv
+
+    def _reindex(self, block, new_idx):
+        # layer_idx is the KV-cache slot: stale values make generate() read another layer's cache.
+        block.self_attn.layer_idx = new_idx
+
+
+ADAPTERS: tuple[FamilyAdapter, ...] = (BertFamily(), LlamaFamily())
+
+
+def _base_model_type(config) -> str:
+    return getattr(config, "base_model_type", None) or config.model_type
+
+
+def adapter_for(model_or_config) -> FamilyAdapter:
+    """The adapter of a model's (or config's) family; a clear error for anything else."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = _base_model_type(config)
+    for adapter in ADAPTERS:
+        if model_type in adapter.model_types:
+            return adapter
+    supported = {a.name: list(a.model_types) for a in ADAPTERS}
+    raise ValueError(f"model_type={model_type!r} is not supported; supported families: {supported}")
+
+
+# ---- pruned config and model classes ----------------------------------------------------------
+# One entry per stock family member: its config class and the model classes to mirror.
+_STOCK = {
+    "bert": (BertConfig, {"AutoModel": BertModel, "AutoModelForSequenceClassification": BertForSequenceClassification,
+                          "AutoModelForMaskedLM": BertForMaskedLM}),
+    "roberta": (RobertaConfig, {"AutoModel": RobertaModel,
+                                "AutoModelForSequenceClassification": RobertaForSequenceClassification,
+                                "AutoModelForMaskedLM": RobertaForMaskedLM}),
+    "llama": (LlamaConfig, {"AutoModel": LlamaModel, "AutoModelForCausalLM": LlamaForCausalLM,
+                            "AutoModelForSequenceClassification": LlamaForSequenceClassification}),
+    "mistral": (MistralConfig, {"AutoModel": MistralModel, "AutoModelForCausalLM": MistralForCausalLM,
+                                "AutoModelForSequenceClassification": MistralForSequenceClassification}),
+    "qwen2": (Qwen2Config, {"AutoModel": Qwen2Model, "AutoModelForCausalLM": Qwen2ForCausalLM,
+                            "AutoModelForSequenceClassification": Qwen2ForSequenceClassification}),
+}
+_AUTO = {"AutoModel": AutoModel, "AutoModelForCausalLM": AutoModelForCausalLM,
+         "AutoModelForSequenceClassification": AutoModelForSequenceClassification,
+         "AutoModelForMaskedLM": AutoModelForMaskedLM}
+
+PRUNED_CONFIGS: dict[str, type] = {}  # stock model_type -> pruned config class
+PRUNED_MODELS: dict[type, type] = {}  # stock model class -> pruned model class
+
+
+def _make_pruned_classes() -> None:
+    module_name = __name__.rsplit(".", 1)[-1]
+    for stock_type, (config_cls, models) in _STOCK.items():
+        config_name = "Pruned" + config_cls.__name__
+        pruned_config = type(config_name, (config_cls,), {"model_type": f"pruned_{stock_type}", "__module__": __name__,
+                                                          "base_model_type": stock_type})
+        globals()[config_name] = pruned_config
+        PRUNED_CONFIGS[stock_type] = pruned_config
+        AutoConfig.register(pruned_config.model_type, pruned_config, exist_ok=True)
+        auto_map = {"AutoConfig": f"{module_name}.{config_name}"}
+        for auto_name, stock_cls in models.items():
+            name = "Pruned" + stock_cls.__name__
+            cls = type(name, (stock_cls,), {"config_class": pruned_config, "__module__": __name__})
+            cls.__init__ = _bind_init(cls)
+            globals()[name] = cls
+            PRUNED_MODELS[stock_cls] = cls
+            _AUTO[auto_name].register(pruned_config, cls, exist_ok=True)
+            auto_map[auto_name] = f"{module_name}.{name}"
+        pruned_config.default_auto_map = auto_map
+
+
+def _bind_init(cls):
+    def __init__(self, config, *args, **kwargs):
+        """Build the stock model, then narrow every layer to ``config.layer_shapes``."""
+        super(cls, self).__init__(config, *args, **kwargs)
+        shapes = getattr(config, "layer_shapes", None)
+        if shapes:
+            adapter = adapter_for(config)
+            for block, shape in zip(adapter.blocks(self), shapes):
+                adapter.narrow_to(block, shape)
+
+    return __init__
+
+
+_make_pruned_classes()
+
+
+def mark_pruned(model: nn.Module) -> None:
+    """Turn a stock model into its pruned twin in place, recording every layer's shape.
+
+    The classes are swapped in place (model and config alike) because every submodule holds a
+    reference to the same config object; afterwards ``model.save_pretrained`` writes the
+    ``pruned_*`` config, the per-layer shapes, ``auto_map`` and a copy of this file.
+    """
+    adapter = adapter_for(model)
+    config = model.config
+    if type(config).model_type.startswith("pruned_"):
+        pruned_cls = type(model)
+    else:
+        stock_cls = next(c for c in type(model).__mro__ if c in PRUNED_MODELS)
+        pruned_cls = PRUNED_MODELS[stock_cls]
+        config.__class__ = PRUNED_CONFIGS[config.model_type]
+        model.__class__ = pruned_cls
+    if hasattr(config, "head_dim") or adapter.gated_mlp:
+        config.head_dim = adapter.head_dim(model)  # rotary and attention must not re-derive it
+    config.layer_shapes = [adapter.layer_shape(block) for block in adapter.blocks(model)]
+    config.auto_map = dict(type(config).default_auto_map)
+    # save_pretrained copies this file beside the weights when the class has an auto class.
+    auto_name = next(k for k, v in config.auto_map.items() if v.endswith("." + pruned_cls.__name__))
+    pruned_cls.register_for_auto_class(auto_name)

@@ -1,0 +1,71 @@
+"""Evaluation measures on constructed models and sequences where the answer is known."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from course_lib.evaluate import count_parameters, perplexity, repeated_ngram_share
+
+
+class Uniform(nn.Module):
+    """Predicts every token of the vocabulary with equal probability."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, ids):
+        return SimpleNamespace(logits=torch.zeros(*ids.shape, self.vocab) + self.dummy)
+
+
+class Copycat(nn.Module):
+    """Puts all mass on the token seen at the current position plus one: perfect on a ramp."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, ids):
+        return SimpleNamespace(logits=nn.functional.one_hot((ids + 1) % self.vocab, self.vocab).float() * 50)
+
+
+@pytest.mark.parametrize("context,stride", [(16, 16), (16, 5), (7, 3), (200, 200)])
+def test_uniform_model_perplexity_equals_vocabulary_size(context, stride):
+    ids = torch.randint(0, 37, (101,), generator=torch.Generator().manual_seed(0))
+    assert perplexity(Uniform(37), ids, context=context, stride=stride) == pytest.approx(37, rel=1e-6)
+
+
+def test_every_token_scored_once_with_overlapping_windows():
+    ids = torch.arange(50) % 13
+    assert perplexity(Copycat(13), ids, context=8, stride=3) == pytest.approx(1.0, abs=1e-6)
+    wrong = ids.clone()
+    wrong[30] = 0  # one surprise among 49 predictions (and a wrong guess right after it)
+    assert perplexity(Copycat(13), wrong, context=8, stride=3) > 1.5
+
+
+def test_perplexity_rejects_bad_windows():
+    with pytest.raises(ValueError, match="stride must be in"):
+        perplexity(Uniform(5), torch.arange(10) % 5, context=4, stride=5)
+    with pytest.raises(ValueError, match="context must be"):
+        perplexity(Uniform(5), torch.arange(10) % 5, context=1)
+    with pytest.raises(ValueError, match="ids must hold"):
+        perplexity(Uniform(5), torch.tensor([1]), context=4)
+
+
+def test_repeated_ngram_share():
+    assert repeated_ngram_share([1, 2, 3, 4, 5, 6], n=3) == 0.0
+    assert repeated_ngram_share([7] * 10, n=3) == pytest.approx(7 / 8)
+    assert repeated_ngram_share([1, 2, 3, 1, 2, 3], n=3) == pytest.approx(1 / 4)
+    assert repeated_ngram_share([1, 2], n=3) == 0.0
+
+
+def test_count_parameters_counts_tied_weights_once():
+    emb = nn.Embedding(10, 4)
+    head = nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight
+    assert count_parameters(nn.ModuleList([emb, head])) == 40
+    assert count_parameters(nn.Linear(3, 2)) == 8

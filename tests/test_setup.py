@@ -1,0 +1,54 @@
+"""The setup contract: one pinned list of dependencies, two commands, and a CI that calls them."""
+
+from pathlib import Path
+
+import pytest
+
+from course_lib.profiles import PROFILES, get_profile
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _pins(lines):
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def _environment_pip_pins():
+    lines = (ROOT / "environment.yml").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == "- pip:")
+    return [line.strip()[2:] for line in lines[start + 1 :] if line.strip().startswith("- ")]
+
+
+def test_environment_yml_matches_requirements():
+    assert _environment_pip_pins() == _pins((ROOT / "requirements.txt").read_text().splitlines())
+
+
+def test_every_dependency_is_pinned_exactly():
+    for name in ("requirements.txt", "requirements-nodeps.txt"):
+        for pin in _pins((ROOT / name).read_text().splitlines()):
+            assert "==" in pin, f"{name}: {pin!r} is not pinned with =="
+
+
+def test_torch_is_the_cpu_pin_installed_first():
+    assert _pins((ROOT / "requirements.txt").read_text().splitlines())[0] == "torch==2.13.0"
+    makefile = (ROOT / "Makefile").read_text()
+    assert makefile.index("install torch==2.13.0") < makefile.index("install -r requirements.txt")
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    assert "make test" in readme and "make demo" in readme
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_profiles_change_sizes_not_fields():
+    assert {f for f in vars(PROFILES["ci"])} == {f for f in vars(PROFILES["full"])}
+    assert PROFILES["ci"].calib_samples < PROFILES["full"].calib_samples
+
+
+def test_profile_from_environment(monkeypatch):
+    monkeypatch.setenv("COURSE_PROFILE", "full")
+    assert get_profile().name == "full"
+    monkeypatch.setenv("COURSE_PROFILE", "gpu-please")
+    with pytest.raises(ValueError, match=r"profile='gpu-please' is unknown; choose one of \['ci', 'full'\]"):
+        get_profile()
