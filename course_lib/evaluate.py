@@ -80,3 +80,68 @@ def greedy_samples(model: nn.Module, tokenizer, prompts: list[str], max_new_toke
         samples.append({"prompt": prompt, "text": tokenizer.decode(new, skip_special_tokens=True),
                         "repeated_3gram_share": repeated_ngram_share(new, 3)})
     return samples
+
+
+def _dummy_ids(model: nn.Module, batch: int, seq: int) -> torch.Tensor:
+    vocab = model.config.vocab_size
+    device = next(model.parameters()).device
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
+
+
+@torch.no_grad()
+def forward_flops(model: nn.Module, batch: int = 1, seq: int = 128) -> int:
+    """FLOPs of one forward pass on a [batch, seq] input, counted by torch's FlopCounterMode.
+
+    Counted from the operations actually dispatched, so it follows every pruned shape without a
+    hand-written formula (matmuls and attention; elementwise work is not counted).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(_dummy_ids(model, batch, seq))
+    return int(counter.get_total_flops())
+
+
+def _timed(fn, warmup: int, repeats: int) -> list[float]:
+    import time
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _summary(times: list[float]) -> dict[str, float]:
+    t = torch.tensor(times) * 1e3
+    q1, med, q3 = torch.quantile(t, torch.tensor([0.25, 0.5, 0.75])).tolist()
+    return {"median_ms": med, "iqr_ms": q3 - q1, "min_ms": t.min().item(), "runs": len(times)}
+
+
+@torch.no_grad()
+def latency(model: nn.Module, *, batch: int = 1, seq: int = 128, mode: str = "forward", warmup: int = 2,
+            repeats: int = 7, threads: int | None = None) -> dict[str, float]:
+    """Wall-clock latency: warm-up, then median and spread (IQR) of ``repeats`` runs, in ms.
+
+    mode="forward": one forward pass over [batch, seq] (prefill). mode="decode": one new token
+    per sequence with a KV cache of ``seq`` tokens (the step that dominates generation).
+    Machines are noisy: compare models by the ratio of medians measured in the same run.
+    """
+    if mode not in ("forward", "decode"):
+        raise ValueError(f"mode must be one of ['decode', 'forward'], got {mode!r}")
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        ids = _dummy_ids(model, batch, seq)
+        if mode == "forward":
+            return _summary(_timed(lambda: model(ids), warmup, repeats))
+        past = model(ids, use_cache=True).past_key_values
+        step = ids[:, -1:]
+        return _summary(_timed(lambda: model(step, past_key_values=past, use_cache=True), warmup, repeats))
+    finally:
+        torch.set_num_threads(previous_threads)
