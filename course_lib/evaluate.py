@@ -145,3 +145,25 @@ def latency(model: nn.Module, *, batch: int = 1, seq: int = 128, mode: str = "fo
         return _summary(_timed(lambda: model(step, past_key_values=past, use_cache=True), warmup, repeats))
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def accuracy(predictions, labels) -> float:
+    """Share of predictions equal to their labels."""
+    predictions, labels = torch.as_tensor(predictions).reshape(-1), torch.as_tensor(labels).reshape(-1)
+    if predictions.shape != labels.shape or predictions.numel() == 0:
+        raise ValueError(f"predictions and labels must be non-empty and equal in length, "
+                         f"got {predictions.numel()} and {labels.numel()}")
+    return (predictions == labels).float().mean().item()
+
+
+@torch.no_grad()
+def classifier_accuracy(model: nn.Module, tokenizer, texts: list[str], labels, *, batch_size: int = 64,
+                        max_length: int = 64) -> float:
+    """Accuracy of a sequence classifier on raw texts (argmax of the logits)."""
+    device = next(model.parameters()).device
+    predictions = []
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
+                          max_length=max_length, return_tensors="pt").to(device)
+        predictions.append(model(**batch).logits.argmax(-1).cpu())
+    return accuracy(torch.cat(predictions), labels)

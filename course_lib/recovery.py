@@ -89,12 +89,15 @@ def causal_lm_dataset(tokenizer, texts: list[str], block_size: int) -> Dataset:
     return Dataset.from_dict({"input_ids": blocks.tolist(), "labels": blocks.tolist()})
 
 
-def recover(model: nn.Module, train: Dataset, eval_set: Dataset, config: RecoveryConfig = RecoveryConfig(), *,
-            teacher: nn.Module | None = None, output_dir: str | None = None, progress: bool = True) -> dict:
-    """Fine-tune ``model`` in place on tokenised ``train``; returns the Trainer's log history.
+def fine_tune(model: nn.Module, train: Dataset, eval_set: Dataset, config: RecoveryConfig = RecoveryConfig(), *,
+              teacher: nn.Module | None = None, data_collator=None, output_dir: str | None = None,
+              progress: bool = True) -> dict:
+    """Fine-tune ``model`` in place on tokenised ``train``; returns the log history and best loss.
 
-    ``train`` / ``eval_set`` hold model inputs (``input_ids``, optional ``attention_mask``) and
-    ``labels``: token ids for a causal LM, class ids for a classifier.
+    The same recipe trains the task baseline and recovers a pruned model. ``train`` /
+    ``eval_set`` hold model inputs (``input_ids``, optional ``attention_mask``) and ``labels``:
+    token ids for a causal LM, class ids for a classifier. ``data_collator`` defaults to stacking
+    equal-length rows; pass ``DataCollatorWithPadding`` for variable-length text.
     """
     if teacher is not None and config.distill_alpha == 0:
         raise ValueError("teacher given but distill_alpha=0; set distill_alpha in (0, 1]")
@@ -115,7 +118,7 @@ def recover(model: nn.Module, train: Dataset, eval_set: Dataset, config: Recover
             disable_tqdm=not progress, use_cpu=not torch.cuda.is_available(),
         )
         kwargs = dict(model=trained, args=args, train_dataset=train, eval_dataset=eval_set,
-                      data_collator=default_data_collator,
+                      data_collator=data_collator or default_data_collator,
                       callbacks=[EarlyStoppingCallback(early_stopping_patience=config.patience)])
         trainer = (DistillationTrainer(**kwargs, teacher=teacher, alpha=config.distill_alpha,
                                        temperature=config.temperature)

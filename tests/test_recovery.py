@@ -8,7 +8,7 @@ from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from course_lib.plan import PruningPlan
-from course_lib.recovery import RecoveryConfig, recover
+from course_lib.recovery import RecoveryConfig, fine_tune
 from course_lib.surgery import apply_plan
 
 
@@ -38,7 +38,7 @@ def test_recovery_lowers_the_loss(lora_rank, lr, min_drop):
     model = _tiny_pruned_llama()
     train, held_out = _pattern_dataset(64, 1), _pattern_dataset(16, 2)
     before = _eval_loss(model, held_out)
-    result = recover(model, train, held_out, RecoveryConfig(epochs=3, learning_rate=lr, lora_rank=lora_rank,
+    result = fine_tune(model, train, held_out, RecoveryConfig(epochs=3, learning_rate=lr, lora_rank=lora_rank,
                                                             patience=2), progress=False)
     after = _eval_loss(model, held_out)
     assert after < before - min_drop
@@ -54,7 +54,7 @@ def test_distillation_from_the_unpruned_teacher_lowers_the_loss():
     student = apply_plan(copy.deepcopy(teacher), PruningPlan(layers=[1]))
     train, held_out = _pattern_dataset(64, 1), _pattern_dataset(16, 2)
     before = _eval_loss(student, held_out)
-    recover(student, train, held_out, RecoveryConfig(epochs=2, learning_rate=3e-3, distill_alpha=0.5),
+    fine_tune(student, train, held_out, RecoveryConfig(epochs=2, learning_rate=3e-3, distill_alpha=0.5),
             teacher=teacher, progress=False)
     assert _eval_loss(student, held_out) < before
 
@@ -66,4 +66,4 @@ def test_bad_recovery_settings_name_the_parameter():
         RecoveryConfig(epochs=0)
     model = _tiny_pruned_llama()
     with pytest.raises(ValueError, match="distill_alpha"):
-        recover(model, _pattern_dataset(4, 1), _pattern_dataset(4, 2), teacher=copy.deepcopy(model))
+        fine_tune(model, _pattern_dataset(4, 1), _pattern_dataset(4, 2), teacher=copy.deepcopy(model))
