@@ -8,6 +8,7 @@ report, edited by hand, or produced by one machine and applied on another.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -128,6 +129,6 @@ def _check_indices(name: str, layer: int | None, indices: list[int], size: int, 
     bad = [i for i in indices if not 0 <= i < size]
     if bad:
         raise ValueError(f"{name}: {where}{what} index {bad} out of range [0, {size})")
-    dupes = sorted({i for i in indices if indices.count(i) > 1})
+    dupes = sorted(i for i, n in Counter(indices).items() if n > 1)
     if dupes:
         raise ValueError(f"{name}: {where}duplicate {what} index {dupes}")
