@@ -1,0 +1,55 @@
+"""``python -m course_lib``: run the pruning pipeline and write a report folder.
+
+    python -m course_lib demo                       # the embedded decoder, ci profile defaults
+    python -m course_lib run --model minilm-l6 --head-fraction 0.25 --out reports/minilm
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from .pipeline import QUANTIZERS, PruningConfig, run
+
+DEMO = PruningConfig(model="smollm2-135m", layers=2, head_fraction=0.0, neuron_fraction=0.25,
+                     recovery_epochs=1, quantize=("awq", "int8"))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m course_lib", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="prune, recover and quantize the embedded decoder (ci profile)")
+    demo.add_argument("--out", default="reports/demo")
+    runner = sub.add_parser("run", help="run the pipeline with explicit settings")
+    runner.add_argument("--out", required=True)
+    defaults = PruningConfig()
+    for f in dataclasses.fields(PruningConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if f.name == "quantize":
+            runner.add_argument(flag, nargs="*", default=list(default), help=f"any of {', '.join(QUANTIZERS)}")
+        else:
+            runner.add_argument(flag, type=type(default), default=default, help=f"default: {default}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            config = DEMO
+        else:
+            values = {f.name: getattr(args, f.name) for f in dataclasses.fields(PruningConfig)}
+            config = PruningConfig(**{**values, "quantize": tuple(values["quantize"])})
+        history = run(config, args.out)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(open(f"{args.out}/report.md").read())
+    return 0 if history else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""The whole pipeline: score -> select -> surgery -> recover (repeat for iterative) -> quantize.
+
+``run(config, out_dir)`` records every stage in a history (parameters, FLOPs, latency, quality)
+and writes the report folder: ``report.md``, ``history.json``, ``plan.json``, PNG plots and the
+saved pruned model (safetensors, reloadable with ``from_pretrained``).
+
+One-shot is ``steps=1``; iterative pruning splits the same total budget over ``steps`` rounds,
+scoring the *current* model each round and recovering after each, so later choices see the
+effect of earlier removals.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import importance, selection
+from .evaluate import count_parameters, forward_flops, latency
+from .plan import PruningPlan
+from .profiles import get_profile
+from .pruned_modeling import adapter_for
+from .recovery import RecoveryConfig, fine_tune
+from .surgery import apply_plan
+from .tasks import task_for
+
+QUANTIZERS = ("awq", "int8")
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    """Everything a run needs; validated on construction so a bad value fails before any work."""
+
+    model: str = "smollm2-135m"
+    profile: str = "ci"
+    layers: int = 0  # blocks removed in total
+    head_fraction: float = 0.0  # of query heads (or KV groups with granularity="kv_group")
+    head_method: str = "taylor"
+    granularity: str = "query"
+    neuron_fraction: float = 0.0
+    neuron_method: str = "wanda"
+    layer_metric: str = "bi"
+    protect_first: int = 1
+    protect_last: int = 1
+    multiple: int = 64  # hardware alignment of kept widths; 1 turns it off
+    steps: int = 1  # 1 = one-shot; > 1 = iterative
+    recovery_epochs: int = 1  # 0 = no recovery
+    learning_rate: float = 1e-4
+    lora_rank: int = 0
+    distill_alpha: float = 0.0  # > 0: distil from the unpruned model
+    quantize: tuple[str, ...] = ("awq", "int8")
+    group_size: int = 64  # AWQ group size; selection aligns widths to it when AWQ is asked for
+    latency_seq: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        get_profile(self.profile)
+        for name in ("head_fraction", "neuron_fraction"):
+            value = getattr(self, name)
+            if not 0 <= value < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
+        choices = {"head_method": importance.HEAD_METHODS, "neuron_method": importance.NEURON_METHODS,
+                   "granularity": ("query", "kv_group"), "layer_metric": ("bi", "angular")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is unknown; allowed: {', '.join(allowed)}")
+        unknown = [q for q in self.quantize if q not in QUANTIZERS]
+        if unknown:
+            raise ValueError(f"quantize={unknown} is unknown; allowed: {', '.join(QUANTIZERS)}")
+        minimums = {"layers": 0, "protect_first": 0, "protect_last": 0, "multiple": 1, "steps": 1,
+                    "recovery_epochs": 0, "lora_rank": 0, "group_size": 1, "latency_seq": 2}
+        for name, low in minimums.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if not 0 <= self.distill_alpha <= 1:
+            raise ValueError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+
+@dataclass
+class Stage:
+    stage: str
+    params: int
+    flops: int
+    latency_ms: float
+    latency_iqr_ms: float
+    quality: float
+    extra: dict = field(default_factory=dict)
+
+
+def _split(total: int, steps: int) -> list[int]:
+    """``total`` structures spread over ``steps`` rounds as evenly as integers allow."""
+    return [total * (i + 1) // steps - total * i // steps for i in range(steps)]
+
+
+def _measure(name: str, model: nn.Module, task, config: PruningConfig, flops: int | None = None, **extra) -> Stage:
+    timing = latency(model, batch=1, seq=config.latency_seq, mode="forward")
+    return Stage(stage=name, params=count_parameters(model),
+                 flops=forward_flops(model, 1, config.latency_seq) if flops is None else flops,
+                 latency_ms=timing["median_ms"], latency_iqr_ms=timing["iqr_ms"], quality=task.quality(model),
+                 extra=extra)
+
+
+def prune_step(model: nn.Module, calib, config: PruningConfig, n_layers: int, n_heads: int,
+               n_neurons: int) -> list[dict]:
+    """One round: remove layers, then heads, then neurons, scoring the model as it is each time.
+
+    Applying each kind before scoring the next means no budget is spent on heads or neurons of a
+    block that is about to go, and each score sees the model it will actually prune. Returns the
+    applied plans in order (each in the numbering of the model it was applied to).
+    """
+    protect = dict(protect_first=config.protect_first, protect_last=config.protect_last)
+    align = dict(multiple=config.multiple, quant_group_size=config.group_size if "awq" in config.quantize else None)
+    applied = []
+
+    def apply(kind: str, plan: PruningPlan) -> None:
+        apply_plan(model, plan)
+        applied.append({"kind": kind, "plan": plan.to_dict(), "selection": selection.selection_info(plan)})
+
+    if n_layers:
+        scores = importance.block_influence(model, calib, metric=config.layer_metric)
+        apply("layers", selection.select_layers(model, scores, count=n_layers, **protect))
+    if n_heads:
+        scores = importance.head_scores(model, calib, config.head_method)
+        apply("heads", selection.select_heads(model, scores, count=n_heads, granularity=config.granularity,
+                                              **protect, **align))
+    if n_neurons:
+        scores = importance.neuron_scores(model, calib, config.neuron_method)
+        apply("neurons", selection.select_neurons(model, scores, count=n_neurons, **protect, **align))
+    return applied
+
+
+def _budget(model: nn.Module, config: PruningConfig) -> tuple[int, int]:
+    adapter = adapter_for(model)
+    blocks = adapter.blocks(model)
+    units = [adapter.num_heads(b) if config.granularity == "query" else adapter.num_kv_heads(b) for b in blocks]
+    heads = int(config.head_fraction * sum(units))
+    neurons = int(config.neuron_fraction * sum(adapter.intermediate_size(b) for b in blocks))
+    return heads, neurons
+
+
+def run(config: PruningConfig, out_dir: str | Path, progress: bool = True, task=None) -> list[Stage]:
+    """Run the pipeline and write the report folder; returns the history.
+
+    ``task`` (default: the task of ``config.model``, see ``course_lib.tasks``) supplies the model,
+    calibration data, quality measure and recovery data; tests pass a tiny one.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    task = task or task_for(config.model, get_profile(config.profile))
+    model = task.load()
+    teacher = copy.deepcopy(model) if config.distill_alpha > 0 else None
+    calib = task.calibration(seed=config.seed)
+    history = [_measure("dense", model, task, config)]
+    heads_total, neurons_total = _budget(model, config)
+    plans = []
+    for step, (n_layers, n_heads, n_neurons) in enumerate(zip(
+            _split(config.layers, config.steps), _split(heads_total, config.steps),
+            _split(neurons_total, config.steps)), start=1):
+        plans.append({"step": step, "applied": prune_step(model, calib, config, n_layers, n_heads, n_neurons)})
+        tag = f" {step}/{config.steps}" if config.steps > 1 else ""
+        history.append(_measure(f"pruned{tag}", model, task, config))
+        if config.recovery_epochs:
+            train, held = task.recovery_data(seed=config.seed + step)
+            result = fine_tune(model, train, held, RecoveryConfig(
+                epochs=config.recovery_epochs, learning_rate=config.learning_rate, batch_size=8,
+                lora_rank=config.lora_rank, distill_alpha=config.distill_alpha, seed=config.seed),
+                teacher=teacher, data_collator=task.data_collator, progress=progress)
+            history.append(_measure(f"recovered{tag}", model, task, config, best_eval_loss=result["best_eval_loss"]))
+    model.save_pretrained(out / "model")
+    task.tokenizer.save_pretrained(out / "model")
+    (out / "plan.json").write_text(json.dumps(plans, indent=2))
+    for name in config.quantize:
+        history.append(_quantized(name, model, task, config, calib))
+    _write_report(config, task.quality_name, history, out)
+    return history
+
+
+def _quantized(name: str, model: nn.Module, task, config: PruningConfig, calib) -> Stage:
+    from .quantize import awq_int4, int8_dynamic
+
+    quantized = copy.deepcopy(model)
+    flops = forward_flops(model, 1, config.latency_seq)  # same arithmetic, fewer bits
+    if name == "awq":
+        awq_int4(quantized, calib if torch.is_tensor(calib) else torch.cat([b["input_ids"] for b in calib]),
+                 group_size=config.group_size)
+        return _measure("AWQ int4", quantized, task, config, flops,
+                        note="CPU fallback dequantises every forward: a quality check, not a speed path")
+    int8_dynamic(quantized)
+    return _measure("int8 (torchao)", quantized, task, config, flops)
+
+
+def _write_report(config: PruningConfig, quality_name: str, history: list[Stage], out: Path) -> None:
+    from .viz import plot_history
+
+    (out / "history.json").write_text(json.dumps({"config": asdict(config), "history": [asdict(s) for s in history]},
+                                                 indent=2))
+    dense = history[0]
+    lines = [f"# Pruning report: {config.model} ({config.profile} profile)", "",
+             f"Latency: forward pass of 1 x {config.latency_seq} tokens, median of repeated runs on this machine, "
+             f"{torch.get_num_threads()} threads. Ideal speedup = dense FLOPs / stage FLOPs.", "",
+             f"| stage | params | latency ms (IQR) | measured speedup | ideal speedup | measured / ideal | {quality_name} |",
+             "|---|---|---|---|---|---|---|"]
+    for s in history:
+        measured, ideal = dense.latency_ms / s.latency_ms, dense.flops / s.flops
+        lines.append(f"| {s.stage} | {s.params / 1e6:.2f}M | {s.latency_ms:.1f} ({s.latency_iqr_ms:.1f}) | "
+                     f"{measured:.2f}x | {ideal:.2f}x | {measured / ideal:.2f} | {s.quality:.4g} |")
+    notes = [f"- {s.stage}: {s.extra['note']}" for s in history if "note" in s.extra]
+    if notes:
+        lines += ["", *notes]
+    lines += ["", "Plan per step: `plan.json`. Pruned model (before quantization): `model/`, "
+              "load with `AutoModelForCausalLM.from_pretrained('model')` after `import course_lib`, "
+              "or with `trust_remote_code=True`.", "", "![quality and latency by stage](stages.png)"]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    plot_history(history, quality_name, out / "stages.png")
+

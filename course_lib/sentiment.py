@@ -1,0 +1,69 @@
+"""The encoder's task: MiniLM with a classification head on the movie-review snippets.
+
+The fine-tuned baseline is trained once with the HF Trainer (the same recipe as recovery) and
+cached as safetensors under ``data/cache/models/``, so notebooks and the pipeline reuse it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from datasets import Dataset
+from transformers import AutoTokenizer, BertForSequenceClassification, DataCollatorWithPadding
+
+from . import zoo
+from .data import load_sentiment
+from .evaluate import classifier_accuracy
+from .paths import cache_dir
+from .recovery import RecoveryConfig, fine_tune
+
+MAX_LENGTH = 64  # tokens; covers 99.5% of the snippets (median 26)
+BASELINE_CONFIG = RecoveryConfig(epochs=2, learning_rate=5e-5, batch_size=32, patience=1)
+
+
+def tokenized(tokenizer, split: Dataset) -> Dataset:
+    """Model inputs and labels for one split (padding is left to the collator)."""
+    encoded = tokenizer(list(split["text"]), truncation=True, max_length=MAX_LENGTH)
+    return Dataset.from_dict({**encoded, "labels": list(split["label"])})
+
+
+def sentiment_accuracy(model, tokenizer, limit: int = 0) -> float:
+    """Accuracy on the held-out test split (the first ``limit`` rows if ``limit`` > 0)."""
+    test = load_sentiment()["test"]
+    if limit:
+        test = test.select(range(min(limit, len(test))))
+    return classifier_accuracy(model, tokenizer, list(test["text"]), list(test["label"]), max_length=MAX_LENGTH)
+
+
+def baseline_dir() -> Path:
+    return cache_dir() / "models" / "minilm-l6-sentiment"
+
+
+def train_baseline(config: RecoveryConfig = BASELINE_CONFIG, progress: bool = True) -> Path:
+    """Fine-tune MiniLM on the train split (validation for early stopping) and cache it."""
+    model, tokenizer = zoo.load_encoder_classifier("minilm-l6", num_labels=2)
+    data = load_sentiment()
+    fine_tune(model, tokenized(tokenizer, data["train"]), tokenized(tokenizer, data["validation"]), config,
+              data_collator=DataCollatorWithPadding(tokenizer), progress=progress)
+    accuracy = sentiment_accuracy(model, tokenizer)
+    dest = baseline_dir()
+    partial = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    (partial / "metrics.json").write_text(json.dumps({"test_accuracy": accuracy, "test_examples": 1057}))
+    shutil.rmtree(dest, ignore_errors=True)
+    partial.rename(dest)  # a crash never leaves a half-written baseline behind
+    return dest
+
+
+def load_baseline(progress: bool = True):
+    """(model, tokenizer, metrics) of the fine-tuned classifier, training it first if needed."""
+    if not (baseline_dir() / "metrics.json").exists():
+        train_baseline(progress=progress)
+    directory = baseline_dir()
+    model = BertForSequenceClassification.from_pretrained(directory).eval()
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    return model, tokenizer, json.loads((directory / "metrics.json").read_text())

@@ -1,0 +1,25 @@
+"""Plots shared by the notebooks and the pipeline report (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+
+def plot_history(history, quality_label: str, path: str | Path | None = None):
+    """Quality, latency and parameters by pipeline stage, side by side."""
+    names = [s.stage for s in history]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    panels = [([s.quality for s in history], quality_label),
+              ([s.latency_ms for s in history], "latency (ms, median)"),
+              ([s.params / 1e6 for s in history], "parameters (M)")]
+    for ax, (values, label) in zip(axes, panels):
+        ax.bar(range(len(values)), values, color="tab:blue")
+        ax.set_xticks(range(len(values)), names, rotation=30, ha="right")
+        ax.set_title(label)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    return fig

@@ -1,0 +1,153 @@
+"""The pipeline end to end on tiny random models of both families, and the CLI's bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+from course_lib.evaluate import accuracy, perplexity
+from course_lib.pipeline import PruningConfig, run
+from course_lib.plan import PruningPlan
+from course_lib.surgery import apply_plan
+
+
+class _NoTokenizer:
+    def save_pretrained(self, path):
+        pass
+
+
+class TinyDecoderTask:
+    """A random 4-layer Llama (GQA) judged by perplexity on a counting pattern it can learn."""
+
+    quality_name = "perplexity"
+    data_collator = None
+    tokenizer = _NoTokenizer()
+
+    def load(self):
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=256,
+                                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                            head_dim=16)).eval()
+
+    def _ids(self, n, seed):
+        starts = torch.randint(0, 64, (n, 1), generator=torch.Generator().manual_seed(seed))
+        return (starts + torch.arange(32)) % 64
+
+    def calibration(self, seed=0):
+        return self._ids(8, seed)
+
+    def quality(self, model):
+        return perplexity(model, self._ids(4, 99).reshape(-1), context=32)
+
+    def recovery_data(self, seed=0):
+        as_ds = lambda ids: Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})  # noqa: E731
+        return as_ds(self._ids(32, seed + 1)), as_ds(self._ids(8, seed + 2))
+
+
+class TinyEncoderTask:
+    """A random 3-layer BERT classifier judged by accuracy on 'is the first token even'."""
+
+    quality_name = "accuracy"
+    data_collator = None
+    tokenizer = _NoTokenizer()
+
+    def load(self):
+        torch.manual_seed(0)
+        return BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=64, intermediate_size=256,
+                                                        num_hidden_layers=3, num_attention_heads=4)).eval()
+
+    def _data(self, n, seed):
+        ids = torch.randint(0, 64, (n, 12), generator=torch.Generator().manual_seed(seed))
+        return ids, (ids[:, 0] % 2 == 0).long()
+
+    def calibration(self, seed=0):
+        ids, labels = self._data(16, seed)
+        return [{"input_ids": ids[i:i + 8], "attention_mask": torch.ones_like(ids[i:i + 8]),
+                 "labels": labels[i:i + 8]} for i in (0, 8)]
+
+    def quality(self, model):
+        ids, labels = self._data(64, 99)
+        with torch.no_grad():
+            return accuracy(model(input_ids=ids).logits.argmax(-1), labels)
+
+    def recovery_data(self, seed=0):
+        def as_ds(n, s):
+            ids, labels = self._data(n, s)
+            return Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
+        return as_ds(64, seed + 1), as_ds(16, seed + 2)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_decoder_pipeline_end_to_end(tmp_path, steps):
+    config = PruningConfig(model="tiny", layers=1, head_fraction=0.25, neuron_fraction=0.25, multiple=1,
+                           protect_first=0, protect_last=1, steps=steps, recovery_epochs=2, learning_rate=3e-3,
+                           quantize=("int8",), latency_seq=16)
+    history = run(config, tmp_path, progress=False, task=TinyDecoderTask())
+    names = [s.stage for s in history]
+    expected = ["dense"] + [f"{kind}{f' {i}/{steps}' if steps > 1 else ''}" for i in range(1, steps + 1)
+                            for kind in ("pruned", "recovered")] + ["int8 (torchao)"]
+    assert names == expected
+    dense, pruned, recovered = history[0], history[-3], history[-2]
+    assert pruned.params < dense.params and pruned.flops < dense.flops
+    assert recovered.quality < pruned.quality  # recovery lowers perplexity
+    plans = json.loads((tmp_path / "plan.json").read_text())
+    assert len(plans) == steps
+    applied = [PruningPlan.from_dict(a["plan"]) for p in plans for a in p["applied"]]
+    assert sum(len(p.layers) for p in applied) == 1
+    for name in ("report.md", "history.json", "stages.png", "model/model.safetensors", "model/config.json"):
+        assert (tmp_path / name).exists(), name
+    report = (tmp_path / "report.md").read_text()
+    assert "| stage | params | latency ms (IQR) | measured speedup | ideal speedup | measured / ideal | perplexity |" in report
+    assert report.count("\n| ") == len(history) + 1
+
+
+def test_encoder_pipeline_end_to_end(tmp_path):
+    config = PruningConfig(model="tiny", layers=1, head_fraction=0.25, neuron_fraction=0.25, multiple=1,
+                           protect_first=0, protect_last=0, recovery_epochs=1, learning_rate=1e-3,
+                           quantize=("int8",), latency_seq=12, distill_alpha=0.5)
+    history = run(config, tmp_path, progress=False, task=TinyEncoderTask())
+    assert [s.stage for s in history] == ["dense", "pruned", "recovered", "int8 (torchao)"]
+    assert all(0 <= s.quality <= 1 for s in history)
+    saved = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert saved["model_type"] == "pruned_bert" and saved["num_hidden_layers"] == 2
+
+
+def test_pruning_a_quantized_model_is_refused():
+    model = TinyDecoderTask().load()
+    from course_lib.quantize import int8_dynamic
+
+    int8_dynamic(model)
+    with pytest.raises(ValueError, match="prune first, then quantize"):
+        apply_plan(model, PruningPlan(layers=[0]))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("head_fraction", 1.5, r"head_fraction must be in \[0, 1\), got 1.5"),
+    ("neuron_method", "random", "neuron_method='random' is unknown; allowed: activation_frequency"),
+    ("quantize", ("gptq",), r"quantize=\['gptq'\] is unknown; allowed: awq, int8"),
+    ("steps", 0, "steps must be >= 1, got 0"),
+    ("profile", "huge", "profile='huge' is unknown"),
+])
+def test_config_errors_name_the_parameter(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        PruningConfig(**{field: value})
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--neuron-fraction", "1.5"], "neuron_fraction must be in [0, 1), got 1.5"),
+    (["--head-method", "psychic"], "head_method='psychic' is unknown"),
+])
+def test_cli_rejects_bad_arguments(tmp_path, args, message):
+    result = subprocess.run([sys.executable, "-m", "course_lib", "run", "--out", str(tmp_path), *args],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_cli_help_lists_the_commands():
+    result = subprocess.run([sys.executable, "-m", "course_lib", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "demo" in result.stdout and "run" in result.stdout
