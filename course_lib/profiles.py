@@ -22,6 +22,7 @@ class Profile:
     ppl_stride: int
     ppl_max_tokens: int  # cap on held-out tokens scored (0 = all)
     eval_examples: int  # sentiment test examples scored (0 = all)
+    train_examples: int  # sentiment train examples for the fine-tuned baseline (0 = all)
     device: str
 
 
@@ -36,6 +37,7 @@ PROFILES: dict[str, Profile] = {
         ppl_stride=192,
         ppl_max_tokens=2048,
         eval_examples=512,
+        train_examples=2048,
         device="cpu",
     ),
     "full": Profile(
@@ -48,6 +50,7 @@ PROFILES: dict[str, Profile] = {
         ppl_stride=512,
         ppl_max_tokens=0,
         eval_examples=0,
+        train_examples=0,
         device="cuda",
     ),
 }
