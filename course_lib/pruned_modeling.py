@@ -110,8 +110,12 @@ class FamilyAdapter:
         """The module whose forward input is the block's MLP input (for hooks)."""
         raise NotImplementedError
 
-    def config(self, model: nn.Module):
-        return model.config
+    def pin_head_dim(self, model: nn.Module) -> None:
+        """Record the head size in the config if the family would otherwise re-derive it.
+
+        BERT derives it from ``hidden_size / num_attention_heads``, and the config keeps the
+        unpruned head count, so nothing is needed there.
+        """
 
     # ---- per-layer shapes --------------------------------------------------------------------
     def head_dim(self, model: nn.Module) -> int:
@@ -183,7 +187,7 @@ class FamilyAdapter:
         self._set_blocks(model, kept)
         for new_idx, block in enumerate(kept):
             self._reindex(block, new_idx)
-        config = self.config(model)
+        config = model.config
         config.num_hidden_layers = len(layers)
         if getattr(config, "layer_types", None) is not None:
             config.layer_types = [config.layer_types[i] for i in layers]
@@ -290,6 +294,10 @@ class LlamaFamily(FamilyAdapter):
 
     def _head_dim(self, attention):
         return attention.head_dim
+
+    def pin_head_dim(self, model):
+        # Rotary embeddings and attention read config.head_dim, else hidden_size // num_attention_heads.
+        model.config.head_dim = self.head_dim(model)
 
     def _set_qkv(self, block, q, k, v):
         a = block.self_attn
@@ -406,8 +414,7 @@ def mark_pruned(model: nn.Module) -> None:
         pruned_cls = PRUNED_MODELS[stock_cls]
         config.__class__ = PRUNED_CONFIGS[config.model_type]
         model.__class__ = pruned_cls
-    if hasattr(config, "head_dim") or adapter.gated_mlp:
-        config.head_dim = adapter.head_dim(model)  # rotary and attention must not re-derive it
+    adapter.pin_head_dim(model)
     config.layer_shapes = [adapter.layer_shape(block) for block in adapter.blocks(model)]
     config.auto_map = dict(type(config).default_auto_map)
     # save_pretrained copies this file beside the weights when the class has an auto class.
