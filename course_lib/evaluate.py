@@ -103,15 +103,19 @@ def forward_flops(model: nn.Module, batch: int = 1, seq: int = 128) -> int:
     return int(counter.get_total_flops())
 
 
-def _timed(fn, warmup: int, repeats: int) -> list[float]:
+def _timed(fn, warmup: int, repeats: int, device: torch.device) -> list[float]:
+    """Wall-clock seconds of ``fn`` after warm-up; on a GPU, waits for its kernels each time."""
     import time
 
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
+    sync()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return times
 
@@ -139,10 +143,10 @@ def latency(model: nn.Module, *, batch: int = 1, seq: int = 128, mode: str = "fo
     try:
         ids = _dummy_ids(model, batch, seq)
         if mode == "forward":
-            return _summary(_timed(lambda: model(ids), warmup, repeats))
+            return _summary(_timed(lambda: model(ids), warmup, repeats, ids.device))
         past = model(ids, use_cache=True).past_key_values
         step = ids[:, -1:]
-        return _summary(_timed(lambda: model(step, past_key_values=past, use_cache=True), warmup, repeats))
+        return _summary(_timed(lambda: model(step, past_key_values=past, use_cache=True), warmup, repeats, ids.device))
     finally:
         torch.set_num_threads(previous_threads)
 

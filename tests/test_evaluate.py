@@ -69,3 +69,35 @@ def test_count_parameters_counts_tied_weights_once():
     head.weight = emb.weight
     assert count_parameters(nn.ModuleList([emb, head])) == 40
     assert count_parameters(nn.Linear(3, 2)) == 8
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+
+
+def test_flops_follow_the_pruned_shapes_exactly():
+    from course_lib.evaluate import forward_flops
+    from course_lib.plan import PruningPlan
+    from course_lib.surgery import apply_plan
+
+    model = _tiny_llama()
+    before = forward_flops(model, batch=2, seq=10)
+    apply_plan(model, PruningPlan(neurons={1: list(range(16))}))
+    # 16 neurons x (gate row + up row + down column) x hidden 32 multiply-adds, for 20 tokens.
+    assert before - forward_flops(model, batch=2, seq=10) == 2 * 20 * 16 * 3 * 32
+
+
+@pytest.mark.parametrize("mode", ["forward", "decode"])
+def test_latency_reports_median_and_spread(mode):
+    from course_lib.evaluate import latency
+
+    threads = torch.get_num_threads()
+    stats = latency(_tiny_llama(), seq=8, mode=mode, warmup=1, repeats=5, threads=threads + 1)
+    assert stats["runs"] == 5 and 0 < stats["min_ms"] <= stats["median_ms"] and stats["iqr_ms"] >= 0
+    assert torch.get_num_threads() == threads  # the thread setting is restored
+    with pytest.raises(ValueError, match=r"mode must be one of \['decode', 'forward'\]"):
+        latency(_tiny_llama(), mode="train")
