@@ -24,6 +24,5 @@ def setup(seed: int = 0, profile: str | None = None) -> Profile:
     torch.manual_seed(seed)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     chosen = get_profile(profile)
-    device = chosen.device if chosen.device != "cuda" or torch.cuda.is_available() else "cpu"
-    print(f"profile={chosen.name}  device={device}  torch threads={torch.get_num_threads()}  seed={seed}")
+    print(f"profile={chosen.name}  device={chosen.torch_device()}  torch threads={torch.get_num_threads()}  seed={seed}")
     return chosen

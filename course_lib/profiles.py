@@ -25,6 +25,12 @@ class Profile:
     train_examples: int  # sentiment train examples for the fine-tuned baseline (0 = all)
     device: str
 
+    def torch_device(self) -> str:
+        """The profile's device if this machine has it, else the CPU (same code path either way)."""
+        import torch
+
+        return self.device if self.device != "cuda" or torch.cuda.is_available() else "cpu"
+
 
 PROFILES: dict[str, Profile] = {
     "ci": Profile(

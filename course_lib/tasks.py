@@ -29,7 +29,7 @@ class DecoderTask:
 
     def load(self):
         model, self.tokenizer = zoo.load_decoder(self.name)
-        return model
+        return model.to(self.profile.torch_device())
 
     def calibration(self, seed: int = 0):
         return data.calibration_batches(self.tokenizer, self.profile.calib_samples, self.profile.calib_tokens, seed=seed)
@@ -63,8 +63,8 @@ class EncoderTask:
     higher_is_better = True
 
     def load(self):
-        model, self.tokenizer, self.baseline_metrics = sentiment.load_baseline()
-        return model
+        model, self.tokenizer, self.baseline_metrics = sentiment.load_baseline(self.profile.name)
+        return model.to(self.profile.torch_device())
 
     def calibration(self, seed: int = 0) -> list[dict]:
         train = data.load_sentiment()["train"].shuffle(seed=seed).select(range(self.profile.calib_samples))
