@@ -33,11 +33,13 @@ class PruningPlan:
     layers: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        # Keep duplicates visible to validate(): normalise keys, never deduplicate silently.
-        self.heads = {int(k): [int(i) for i in v] for k, v in self.heads.items()}
-        self.kv_groups = {int(k): [int(i) for i in v] for k, v in self.kv_groups.items()}
-        self.neurons = {int(k): [int(i) for i in v] for k, v in self.neurons.items()}
-        self.layers = [int(i) for i in self.layers]
+        # Normalise JSON string keys to ints; keep duplicates visible to validate(), never dedupe.
+        for name in ("heads", "kv_groups", "neurons"):
+            table = getattr(self, name)
+            if not isinstance(table, dict):
+                raise ValueError(f"{name} must be a mapping {{layer: [indices]}}, got {type(table).__name__}")
+            setattr(self, name, {_index(name, k): _indices(f"{name}[{k}]", v) for k, v in table.items()})
+        self.layers = _indices("layers", self.layers)
 
     # ---- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -121,6 +123,21 @@ class PruningPlan:
                 f"heads: layer {layer} leaves KV groups with unequal query heads {per_group} "
                 f"(group size {group}); remove the same number of query heads from every kept group"
             )
+
+
+def _index(name: str, value) -> int:
+    """An integer index (an int, an integral float from JSON, or a numeric string key)."""
+    if isinstance(value, str) and value.lstrip("-").isdigit():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise ValueError(f"{name}: index {value!r} is not an integer")
+    return int(value)
+
+
+def _indices(name: str, values) -> list[int]:
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise ValueError(f"{name} must be a list of integer indices, got {values!r}")
+    return [_index(name, v) for v in values]
 
 
 def _check_indices(name: str, layer: int | None, indices: list[int], size: int, what: str | None = None) -> None:

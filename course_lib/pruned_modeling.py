@@ -61,8 +61,10 @@ def slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
     if bias is not None and dim == 0:
         bias = bias.detach().index_select(0, index.to(bias.device))
     out_features, in_features = weight.shape
-    new = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device, dtype=weight.dtype)
-    new.weight = nn.Parameter(weight.clone(), requires_grad=linear.weight.requires_grad)
+    # Built on meta, then given the sliced tensors: a real-device nn.Linear would first fill a
+    # throwaway random weight (slow, and it advances torch's global RNG); index_select already copies.
+    new = nn.Linear(in_features, out_features, bias=bias is not None, device="meta", dtype=weight.dtype)
+    new.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
     if bias is not None:
         new.bias = nn.Parameter(bias.detach().clone(), requires_grad=linear.bias.requires_grad)
     return new
