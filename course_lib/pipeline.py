@@ -155,6 +155,9 @@ def run(config: PruningConfig, out_dir: str | Path, progress: bool = True, task=
     torch.manual_seed(config.seed)
     task = task or task_for(config.model, get_profile(config.profile))
     model = task.load()
+    if "awq" in config.quantize and adapter_for(model).name != "llama":
+        raise ValueError(f"quantize: 'awq' needs a Llama-family decoder, not the {adapter_for(model).name} family; "
+                         "use quantize=('int8',)")
     teacher = copy.deepcopy(model) if config.distill_alpha > 0 else None
     calib = task.calibration(seed=config.seed)
     history = [_measure("dense", model, task, config)]
@@ -188,8 +191,8 @@ def _quantized(name: str, model: nn.Module, task, config: PruningConfig, calib) 
     quantized = copy.deepcopy(model)
     flops = forward_flops(model, 1, config.latency_seq)  # same arithmetic, fewer bits
     if name == "awq":
-        awq_int4(quantized, calib if torch.is_tensor(calib) else torch.cat([b["input_ids"] for b in calib]),
-                 group_size=config.group_size)
+        samples = get_profile(config.profile).quant_calib_samples
+        awq_int4(quantized, calib[:samples], group_size=config.group_size)
         return _measure("AWQ int4", quantized, task, config, flops,
                         note="CPU fallback dequantises every forward: a quality check, not a speed path")
     int8_dynamic(quantized)

@@ -23,6 +23,7 @@ class Profile:
     ppl_max_tokens: int  # cap on held-out tokens scored (0 = all)
     eval_examples: int  # sentiment test examples scored (0 = all)
     train_examples: int  # sentiment train examples for the fine-tuned baseline (0 = all)
+    quant_calib_samples: int  # calibration sequences for AWQ's scale and clipping search
     device: str
 
     def torch_device(self) -> str:
@@ -44,6 +45,7 @@ PROFILES: dict[str, Profile] = {
         ppl_max_tokens=2048,
         eval_examples=512,
         train_examples=2048,
+        quant_calib_samples=8,
         device="cpu",
     ),
     "full": Profile(
@@ -57,6 +59,7 @@ PROFILES: dict[str, Profile] = {
         ppl_max_tokens=0,
         eval_examples=0,
         train_examples=0,
+        quant_calib_samples=128,
         device="cuda",
     ),
 }

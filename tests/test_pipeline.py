@@ -116,6 +116,13 @@ def test_encoder_pipeline_end_to_end(tmp_path):
     assert saved["model_type"] == "pruned_bert" and saved["num_hidden_layers"] == 2
 
 
+def test_awq_on_an_encoder_is_refused_before_any_work(tmp_path):
+    config = PruningConfig(model="tiny", layers=1, quantize=("awq",))
+    with pytest.raises(ValueError, match="'awq' needs a Llama-family decoder, not the bert family"):
+        run(config, tmp_path, progress=False, task=TinyEncoderTask())
+    assert not (tmp_path / "model").exists()
+
+
 def test_pruning_a_quantized_model_is_refused():
     model = TinyDecoderTask().load()
     from course_lib.quantize import int8_dynamic
