@@ -23,3 +23,18 @@ def plot_history(history, quality_label: str, path: str | Path | None = None):
         fig.savefig(path, dpi=110)
         plt.close(fig)
     return fig
+
+
+def show_in(output, fig):
+    """Show ``fig`` in an ipywidgets ``Output`` in place of what it showed; returns ``fig``.
+
+    Closing the figure afterwards keeps the notebook from drawing it a second time.
+    """
+    from IPython.display import display
+
+    fig.tight_layout()
+    output.clear_output(wait=True)
+    with output:
+        display(fig)
+    plt.close(fig)
+    return fig

@@ -28,6 +28,7 @@ from .plan import PruningPlan
 from .pruned_modeling import adapter_for
 from .selection import select_heads, selection_info
 from .surgery import apply_plan, parameters_removed
+from .viz import show_in
 
 __all__ = ["HeadPruningExplorer", "PruneResult", "head_pruning_explorer", "plan_matrix", "plot_plan"]
 
@@ -198,17 +199,10 @@ class HeadPruningExplorer:
 
     # -- view -----------------------------------------------------------------------------------
     def _redraw(self) -> None:
-        from IPython.display import display
-
         fig, ax = plt.subplots(figsize=(6, 3.2))
         plot_plan(self.model, self.current.plan, ax=ax,
                   title=f"fraction {self.current.fraction:.2f}: {self.current.removed_heads} heads removed")
-        fig.tight_layout()
-        self.figure = fig
-        self.output.clear_output(wait=True)
-        with self.output:
-            display(fig)
-        plt.close(fig)
+        self.figure = show_in(self.output, fig)
 
 
 def head_pruning_explorer(model: nn.Module, scores: torch.Tensor, **kwargs):

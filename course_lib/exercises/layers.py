@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import check
+from ..viz import show_in
 
 __all__ = [
     "LayerRemovalExplorer",
@@ -421,19 +422,12 @@ class LayerRemovalExplorer:
 
     def _redraw(self) -> None:
         import matplotlib.pyplot as plt
-        from IPython.display import display
-
         c = self.current
         fig, ax = plt.subplots(figsize=(7, 2.8))
         colors = ["tab:red" if i in c.layers else "tab:blue" for i in range(self.n_layers)]
         ax.bar(range(self.n_layers), c.values, color=colors)
         ax.set(xlabel="layer", ylabel=c.score, title=f"{c.k} lowest removed (red)")
-        fig.tight_layout()
-        self.figure = fig
-        self.output.clear_output(wait=True)
-        with self.output:
-            display(fig)
-        plt.close(fig)
+        self.figure = show_in(self.output, fig)
 
 
 def layer_removal_explorer(model: nn.Module, scores: dict, **kwargs):

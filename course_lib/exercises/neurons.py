@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from . import check
+from ..viz import show_in
 
 __all__ = [
     "DeadNeuronExplorer",
@@ -362,19 +363,12 @@ class DeadNeuronExplorer:
 
     def _redraw(self) -> None:
         import matplotlib.pyplot as plt
-        from IPython.display import display
-
         c = self.current
         fig, ax = plt.subplots(figsize=(7, 2.6))
         ax.bar(range(len(c.per_layer)), c.per_layer.numpy())
         ax.set(xlabel="layer", ylabel="near-dead share", ylim=(0, max(0.05, float(c.per_layer.max()) * 1.1)),
                title=f"{c.model}: frequency < {c.threshold:g} at eps {c.eps:g}")
-        fig.tight_layout()
-        self.figure = fig
-        self.output.clear_output(wait=True)
-        with self.output:
-            display(fig)
-        plt.close(fig)
+        self.figure = show_in(self.output, fig)
 
 
 def dead_neuron_explorer(frequencies: dict, **kwargs):
