@@ -68,8 +68,14 @@ def awq_int4(model: nn.Module, calib: torch.Tensor, *, group_size: int = 64, zer
     check_group_size(model, group_size)
     quant_config = {"zero_point": zero_point, "q_group_size": group_size, "w_bit": 4, "version": "GEMM"}
     wrapper = LlamaAWQForCausalLM(model, "llama", False, model.config, quant_config, None)
-    wrapper.quantize(None, quant_config=quant_config, calib_data=calib.tolist(),
-                     max_calib_samples=calib.shape[0], max_calib_seq_len=calib.shape[1])
+    # With a KV cache, autoawq 0.2.9 captures the cache among the block's arguments and every step of
+    # its scale search appends to it, so attention sees stale keys and the chosen scales are wrong.
+    use_cache, model.config.use_cache = model.config.use_cache, False
+    try:
+        wrapper.quantize(None, quant_config=quant_config, calib_data=calib.tolist(),
+                         max_calib_samples=calib.shape[0], max_calib_seq_len=calib.shape[1])
+    finally:
+        model.config.use_cache = use_cache
     model.config.quantization_config = {"quant_method": "awq", "bits": 4, "group_size": group_size,
                                         "zero_point": zero_point, "version": "gemm"}
     return model.eval()
