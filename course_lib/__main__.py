@@ -13,7 +13,7 @@ import sys
 from .pipeline import QUANTIZERS, PruningConfig, run
 
 DEMO = PruningConfig(model="smollm2-135m", layers=2, head_fraction=0.0, neuron_fraction=0.25,
-                     recovery_epochs=1, quantize=("awq", "int8"))
+                     recovery_epochs=1, quantize=("awq", "rtn", "int8"))
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -28,7 +28,8 @@ from .recovery import RecoveryConfig, fine_tune
 from .surgery import apply_plan
 from .tasks import task_for
 
-QUANTIZERS = ("awq", "int8")
+QUANTIZERS = ("awq", "rtn", "int8")
+INT4 = ("awq", "rtn")  # weight-only 4-bit on a group grid: widths must divide into groups
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,8 @@ class PruningConfig:
     learning_rate: float = 1e-4
     lora_rank: int = 0
     distill_alpha: float = 0.0  # > 0: distil from the unpruned model
-    quantize: tuple[str, ...] = ("awq", "int8")
-    group_size: int = 64  # AWQ group size; selection aligns widths to it when AWQ is asked for
+    quantize: tuple[str, ...] = ("awq", "rtn", "int8")
+    group_size: int = 64  # INT4 group size; selection aligns widths to it when awq or rtn is asked for
     latency_seq: int = 128
     seed: int = 0
 
@@ -115,7 +116,7 @@ def prune_step(model: nn.Module, calib, config: PruningConfig, n_layers: int, n_
     applied plans in order (each in the numbering of the model it was applied to).
     """
     protect = dict(protect_first=config.protect_first, protect_last=config.protect_last)
-    align = dict(multiple=config.multiple, quant_group_size=config.group_size if "awq" in config.quantize else None)
+    align = dict(multiple=config.multiple, quant_group_size=config.group_size if set(INT4) & set(config.quantize) else None)
     applied = []
 
     def apply(kind: str, plan: PruningPlan) -> None:
@@ -186,7 +187,7 @@ def run(config: PruningConfig, out_dir: str | Path, progress: bool = True, task=
 
 
 def _quantized(name: str, model: nn.Module, task, config: PruningConfig, calib) -> Stage:
-    from .quantize import awq_int4, int8_dynamic
+    from .quantize import awq_int4, int8_dynamic, rtn_int4
 
     quantized = copy.deepcopy(model)
     flops = forward_flops(model, 1, config.latency_seq)  # same arithmetic, fewer bits
@@ -195,6 +196,11 @@ def _quantized(name: str, model: nn.Module, task, config: PruningConfig, calib) 
         awq_int4(quantized, calib[:samples], group_size=config.group_size)
         return _measure("AWQ int4", quantized, task, config, flops,
                         note="CPU fallback dequantises every forward: a quality check, not a speed path")
+    if name == "rtn":
+        rtn_int4(quantized, group_size=config.group_size)
+        return _measure("RTN int4 (simulated)", quantized, task, config, flops,
+                        note="round-to-nearest on the same INT4 grid, no calibration, weights kept in fp32: "
+                             "the quality AWQ has to beat; its latency is the fp32 model's")
     int8_dynamic(quantized)
     return _measure("int8 (torchao)", quantized, task, config, flops)
 

@@ -1,8 +1,8 @@
 """Quantize after pruning: AWQ INT4 (autoawq) for the decoder, torchao int8 for a CPU speedup.
 
 Order matters: prune -> recover -> quantize. Packed INT4 weights cannot be sliced, so
-``surgery.apply_plan`` refuses a model that carries a ``quantization_config``; both functions
-here set one.
+``surgery.apply_plan`` refuses a model that carries a ``quantization_config``; every function
+here that rounds weights sets one.
 
 AWQ on a CPU: autoawq 0.2.9 searches its scales and packs the weights on the CPU, and its
 ``WQLinear_GEMM`` layers fall back to dequantise-then-matmul in plain torch when the CUDA
@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import awq_search
 from .pruned_modeling import adapter_for
 
 AWQ_ROW_BATCH = 64  # autoawq 0.2.9 searches clipping ranges over output rows in batches of 64
@@ -31,13 +32,7 @@ def _block_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return found
 
 
-def check_group_size(model: nn.Module, group_size: int) -> None:
-    """Raise ``ValueError`` naming the first layer whose widths AWQ cannot quantize.
-
-    AWQ quantizes each output row in groups of ``group_size`` input columns, so pruned input
-    widths must stay divisible (ask selection for ``quant_group_size``); its clipping search also
-    walks output rows in batches of 64, so output widths must be multiples of 64.
-    """
+def _check_columns(model: nn.Module, group_size: int) -> None:
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     for name, linear in _block_linears(model):
@@ -45,17 +40,24 @@ def check_group_size(model: nn.Module, group_size: int) -> None:
             raise ValueError(f"group_size={group_size} does not divide the input width {linear.in_features} of "
                              f"{name}; prune to multiples of {group_size} (selection's quant_group_size) or "
                              "choose a group size that divides every width")
+
+
+def check_group_size(model: nn.Module, group_size: int) -> None:
+    """Raise ``ValueError`` naming the first layer whose widths AWQ cannot quantize.
+
+    AWQ quantizes each output row in groups of ``group_size`` input columns, so pruned input
+    widths must stay divisible (ask selection for ``quant_group_size``); its clipping search also
+    walks output rows in batches of 64, so output widths must be multiples of 64.
+    """
+    _check_columns(model, group_size)
+    for name, linear in _block_linears(model):
         if linear.out_features % AWQ_ROW_BATCH:
             raise ValueError(f"the output width {linear.out_features} of {name} is not a multiple of "
                              f"{AWQ_ROW_BATCH}, which AWQ's clipping search needs")
 
 
-def awq_int4(model: nn.Module, calib: torch.Tensor, *, group_size: int = 64, zero_point: bool = True) -> nn.Module:
-    """AWQ 4-bit weight quantization of a Llama-family model, in place; returns the model.
-
-    ``calib``: LongTensor [N, T] of real text (``data.calibration_batches``), never a repeated
-    dummy sentence: AWQ picks its per-channel scales from these activations.
-    """
+def _run_awq(model: nn.Module, calib, *, group_size: int, zero_point: bool, clip: bool, quantize: bool) -> nn.Module:
+    """Validate, then run autoawq's search (and, with ``quantize``, its INT4 packing) in place."""
     from awq.models.llama import LlamaAWQForCausalLM
 
     if adapter_for(model).name != "llama":
@@ -69,16 +71,77 @@ def awq_int4(model: nn.Module, calib: torch.Tensor, *, group_size: int = 64, zer
     quant_config = {"zero_point": zero_point, "q_group_size": group_size, "w_bit": 4, "version": "GEMM"}
     wrapper = LlamaAWQForCausalLM(model, "llama", False, model.config, quant_config, None)
     # With a KV cache, autoawq 0.2.9 captures the cache among the block's arguments and every step of
-    # its scale search appends to it, so attention sees stale keys and the chosen scales are wrong.
+    # its scale search appends to it, so attention would see stale keys.
     use_cache, model.config.use_cache = model.config.use_cache, False
     try:
-        wrapper.quantize(None, quant_config=quant_config, calib_data=calib.tolist(),
+        wrapper.quantize(None, quant_config=quant_config, calib_data=calib.tolist(), apply_clip=clip,
+                         export_compatible=not quantize, quantizer_cls=awq_search.quantizer_cls(),
                          max_calib_samples=calib.shape[0], max_calib_seq_len=calib.shape[1])
     finally:
         model.config.use_cache = use_cache
+    return model.eval()
+
+
+def awq_int4(model: nn.Module, calib: torch.Tensor, *, group_size: int = 64, zero_point: bool = True,
+             clip: bool = True) -> nn.Module:
+    """AWQ 4-bit weight quantization of a Llama-family model, in place; returns the model.
+
+    ``calib``: LongTensor [N, T] of real text (``data.calibration_batches``), never a repeated
+    dummy sentence: AWQ picks its per-channel scales from these activations. ``clip`` also
+    searches a clipping range per weight group (autoawq's default).
+    """
+    _run_awq(model, calib, group_size=group_size, zero_point=zero_point, clip=clip, quantize=True)
     model.config.quantization_config = {"quant_method": "awq", "bits": 4, "group_size": group_size,
                                         "zero_point": zero_point, "version": "gemm"}
+    return model
+
+
+def awq_rescale(model: nn.Module, calib: torch.Tensor, *, group_size: int = 64, clip: bool = False) -> nn.Module:
+    """Only AWQ's search, applied in fp32: the model whose weights ``awq_int4`` would round.
+
+    Each RMSNorm weight is divided by the per-channel scales its following linears' columns are
+    multiplied by (and up_proj's rows for down_proj's columns), so with ``clip=False`` the
+    model computes the same function as before, up to float rounding: the INT4 rounding that
+    follows is what the scales make kinder to salient channels. ``clip=True`` also clamps each
+    weight group to its searched range, which does change the function.
+    """
+    return _run_awq(model, calib, group_size=group_size, zero_point=True, clip=clip, quantize=False)
+
+
+def rtn_int4(model: nn.Module, *, group_size: int = 64) -> nn.Module:
+    """Round-to-nearest INT4 (asymmetric, one scale and zero point per group), simulated in fp32.
+
+    The baseline AWQ is measured against: the same grid and groups, no calibration. Weights are
+    rounded and stored back in fp32, so this is a quality reference, not a smaller model; the
+    config is marked quantized so surgery refuses it like any other quantized model.
+    """
+    if getattr(model.config, "quantization_config", None) is not None:
+        raise ValueError("model is already quantized")
+    _check_columns(model, group_size)
+    with torch.no_grad():
+        for _, linear in _block_linears(model):
+            linear.weight.copy_(fake_quantize(linear.weight, group_size=group_size))
+    model.config.quantization_config = {"quant_method": "rtn", "bits": 4, "group_size": group_size,
+                                        "simulated": True}
     return model.eval()
+
+
+def fake_quantize(weight: torch.Tensor, *, group_size: int, bits: int = 4) -> torch.Tensor:
+    """``weight`` rounded to ``bits``-bit integers per group of ``group_size`` input columns and back.
+
+    Asymmetric: each group maps [min, max] onto 0 .. 2**bits - 1 with a zero point, as AWQ's
+    ``zero_point=True`` packing does.
+    """
+    rows, cols = weight.shape
+    if cols % group_size:
+        raise ValueError(f"group_size={group_size} does not divide the {cols} input columns")
+    groups = weight.reshape(-1, group_size)
+    low, high = groups.amin(dim=1, keepdim=True), groups.amax(dim=1, keepdim=True)
+    top = 2**bits - 1
+    scale = (high - low).clamp(min=1e-5) / top
+    zero = (-torch.round(low / scale)).clamp(0, top)
+    levels = torch.clamp(torch.round(groups / scale) + zero, 0, top)
+    return ((levels - zero) * scale).reshape(rows, cols)
 
 
 def int8_dynamic(model: nn.Module) -> nn.Module:

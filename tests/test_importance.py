@@ -36,13 +36,7 @@ from course_lib.surgery import apply_plan
 VOCAB, HIDDEN, HEAD_DIM, INTER = 64, 32, 8, 48
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine they only spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def llama(n_layers=4, n_kv=4, seed=0) -> LlamaForCausalLM:

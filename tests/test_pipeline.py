@@ -135,7 +135,7 @@ def test_pruning_a_quantized_model_is_refused():
 @pytest.mark.parametrize("field,value,message", [
     ("head_fraction", 1.5, r"head_fraction must be in \[0, 1\), got 1.5"),
     ("neuron_method", "random", "neuron_method='random' is unknown; allowed: activation_frequency"),
-    ("quantize", ("gptq",), r"quantize=\['gptq'\] is unknown; allowed: awq, int8"),
+    ("quantize", ("gptq",), r"quantize=\['gptq'\] is unknown; allowed: awq, rtn, int8"),
     ("steps", 0, "steps must be >= 1, got 0"),
     ("profile", "huge", "profile='huge' is unknown"),
 ])

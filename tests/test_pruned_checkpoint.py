@@ -107,12 +107,7 @@ def run_fresh(jobs: list[dict], workdir: Path, timeout: int = 300) -> dict[str, 
     return json.loads(verdict_file.read_text())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def n_params(model) -> int:

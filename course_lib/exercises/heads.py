@@ -317,12 +317,12 @@ def spearman_permutation_p(x, y, n_permutations: int = 20_000, seed: int = 0) ->
     observed one: how often chance alone gives an agreement this good on so few points.
     """
     from ..importance import rank_correlation
-    from ..importance.layers import _average_ranks
+    from ..importance.layers import average_ranks
 
     x = torch.as_tensor(x, dtype=torch.float64).reshape(-1)
     y = torch.as_tensor(y, dtype=torch.float64).reshape(-1)
     rho = rank_correlation(x, y)
-    rx, ry = _average_ranks(x), _average_ranks(y)
+    rx, ry = average_ranks(x), average_ranks(y)
     rx, ry = rx - rx.mean(), ry - ry.mean()
     gen = torch.Generator().manual_seed(seed)
     perms = torch.argsort(torch.rand(n_permutations, len(y), generator=gen), dim=1)

@@ -259,7 +259,7 @@ def _mean_loss(model: nn.Module, batches, loss_fn) -> float:
 # ----------------------------------------------------------------------------- comparison
 
 
-def _average_ranks(x: torch.Tensor) -> torch.Tensor:
+def average_ranks(x: torch.Tensor) -> torch.Tensor:
     """Ranks 1..n, tied values sharing the mean of their positions."""
     order = torch.argsort(x, stable=True)
     sorted_x = x[order]
@@ -290,7 +290,7 @@ def rank_correlation(a, b) -> float:
     a, b = a[keep], b[keep]
     if a.numel() < 2:
         return float("nan")
-    ra, rb = _average_ranks(a), _average_ranks(b)
+    ra, rb = average_ranks(a), average_ranks(b)
     ra, rb = ra - ra.mean(), rb - rb.mean()
     denom = torch.sqrt((ra * ra).sum() * (rb * rb).sum())
     if denom == 0:
