@@ -15,6 +15,7 @@ must not).
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 import time
@@ -56,6 +57,11 @@ def cell_text(cell) -> str:
     return "".join(parts)
 
 
+def changed_lines(first: str, second: str) -> list[str]:
+    """The lines of two outputs that differ, marked - (run 1) and + (run 2)."""
+    return [line for line in difflib.ndiff(first.splitlines(), second.splitlines()) if line[:1] in "-+"]
+
+
 def differing_cells(first: list[str], second: list[str]) -> list[int]:
     return [index for index, (a, b) in enumerate(zip(first, second)) if a != b]
 
@@ -84,9 +90,10 @@ def main() -> int:
         errors = sum(text.count("ERROR ") for text in outputs[-1])
         worst = max(worst, *times)
         rows.append((path.name, times, changed, errors))
-        if changed:
-            for index in changed:
-                print(f"    cell {index} differs:\n      run 1: {outputs[0][index][:300]!r}\n      run 2: {outputs[1][index][:300]!r}")
+        for index in changed:
+            print(f"    code cell {index}, lines that differ:")
+            for line in changed_lines(outputs[0][index], outputs[1][index]):
+                print(f"      {line[:160]}")
     print(f"\nload after: {os.getloadavg()}")
     print("| notebook | " + " | ".join(f"run {i + 1} (s)" for i in range(args.runs)) + " | code cells whose output changed |")
     print("|---|" + "---|" * args.runs + "---|")
