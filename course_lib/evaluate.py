@@ -21,6 +21,24 @@ def count_parameters(model: nn.Module) -> int:
     return unique + packed
 
 
+def storage_bytes(model: nn.Module) -> int:
+    """Bytes the model's weights take in memory: parameters and buffers, each tensor once.
+
+    Quantized weights count at their stored width: AWQ's packed int32 ``qweight`` with its fp16
+    scales and zeros, torchao's int8 tensors through the inner tensors they flatten to (their
+    ``element_size()`` reports the fp32 they stand for). Simulated quantization (RTN here) stays fp32.
+    """
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(_stored_bytes(t) for t in tensors.values())
+
+
+def _stored_bytes(tensor: torch.Tensor) -> int:
+    if hasattr(tensor, "__tensor_flatten__"):  # a tensor subclass (torchao): count what it holds
+        names, _ = tensor.__tensor_flatten__()
+        return sum(_stored_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, ids: torch.Tensor, *, context: int = 256, stride: int | None = None,
                progress: bool = False) -> float:

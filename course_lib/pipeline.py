@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import importance, selection
-from .evaluate import count_parameters, forward_flops, latency
+from .evaluate import count_parameters, forward_flops, latency, storage_bytes
 from .plan import PruningPlan
 from .profiles import get_profile
 from .pruned_modeling import adapter_for
@@ -87,6 +87,7 @@ class PruningConfig:
 class Stage:
     stage: str
     params: int
+    weight_bytes: int
     flops: int
     latency_ms: float
     latency_iqr_ms: float
@@ -101,7 +102,7 @@ def _split(total: int, steps: int) -> list[int]:
 
 def _measure(name: str, model: nn.Module, task, config: PruningConfig, flops: int | None = None, **extra) -> Stage:
     timing = latency(model, batch=1, seq=config.latency_seq, mode="forward")
-    return Stage(stage=name, params=count_parameters(model),
+    return Stage(stage=name, params=count_parameters(model), weight_bytes=storage_bytes(model),
                  flops=forward_flops(model, 1, config.latency_seq) if flops is None else flops,
                  latency_ms=timing["median_ms"], latency_iqr_ms=timing["iqr_ms"], quality=task.quality(model),
                  extra=extra)
@@ -214,11 +215,11 @@ def _write_report(config: PruningConfig, quality_name: str, history: list[Stage]
     lines = [f"# Pruning report: {config.model} ({config.profile} profile)", "",
              f"Latency: forward pass of 1 x {config.latency_seq} tokens, median of repeated runs on this machine, "
              f"{torch.get_num_threads()} threads. Ideal speedup = dense FLOPs / stage FLOPs.", "",
-             f"| stage | params | latency ms (IQR) | measured speedup | ideal speedup | measured / ideal | {quality_name} |",
-             "|---|---|---|---|---|---|---|"]
+             f"| stage | params | weights MB | latency ms (IQR) | measured speedup | ideal speedup | measured / ideal | {quality_name} |",
+             "|---|---|---|---|---|---|---|---|"]
     for s in history:
         measured, ideal = dense.latency_ms / s.latency_ms, dense.flops / s.flops
-        lines.append(f"| {s.stage} | {s.params / 1e6:.2f}M | {s.latency_ms:.1f} ({s.latency_iqr_ms:.1f}) | "
+        lines.append(f"| {s.stage} | {s.params / 1e6:.2f}M | {s.weight_bytes / 1e6:.1f} | {s.latency_ms:.1f} ({s.latency_iqr_ms:.1f}) | "
                      f"{measured:.2f}x | {ideal:.2f}x | {measured / ideal:.2f} | {s.quality:.4g} |")
     notes = [f"- {s.stage}: {s.extra['note']}" for s in history if "note" in s.extra]
     if notes:

@@ -8,12 +8,13 @@ import matplotlib.pyplot as plt
 
 
 def plot_history(history, quality_label: str, path: str | Path | None = None):
-    """Quality, latency and parameters by pipeline stage, side by side."""
+    """Quality, latency and weight memory by pipeline stage, side by side (memory, not parameter
+    count, so that quantized stages show what they save)."""
     names = [s.stage for s in history]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     panels = [([s.quality for s in history], quality_label),
               ([s.latency_ms for s in history], "latency (ms, median)"),
-              ([s.params / 1e6 for s in history], "parameters (M)")]
+              ([s.weight_bytes / 1e6 for s in history], "weights (MB in memory)")]
     for ax, (values, label) in zip(axes, panels):
         ax.bar(range(len(values)), values, color="tab:blue")
         ax.set_xticks(range(len(values)), names, rotation=30, ha="right")

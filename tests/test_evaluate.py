@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from course_lib.evaluate import count_parameters, perplexity, repeated_ngram_share
+from course_lib.evaluate import count_parameters, perplexity, repeated_ngram_share, storage_bytes
 
 
 class Uniform(nn.Module):
@@ -69,6 +69,15 @@ def test_count_parameters_counts_tied_weights_once():
     head.weight = emb.weight
     assert count_parameters(nn.ModuleList([emb, head])) == 40
     assert count_parameters(nn.Linear(3, 2)) == 8
+
+
+def test_storage_bytes_counts_each_tensor_once_with_buffers():
+    emb = nn.Embedding(10, 4)
+    head = nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight
+    norm = nn.BatchNorm1d(4)  # 8 parameters, 8 float buffers and one int64 counter
+    assert storage_bytes(nn.ModuleList([emb, head, norm])) == 40 * 4 + 8 * 4 + 8 * 4 + 8
+    assert storage_bytes(nn.Linear(3, 2).half()) == 8 * 2
 
 
 def _tiny_llama():

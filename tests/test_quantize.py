@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
-from course_lib.evaluate import count_parameters
+from course_lib.evaluate import count_parameters, storage_bytes
 from course_lib.plan import PruningPlan
 from course_lib.quantize import awq_int4, awq_rescale, check_group_size, fake_quantize, int8_dynamic, rtn_int4
 from course_lib.surgery import apply_plan
@@ -62,6 +62,8 @@ def test_awq_scales_alone_keep_the_function():
 def test_awq_int4_packs_and_stays_close_to_fp32():
     model = _pruned_llama()
     fp32_count = count_parameters(model)
+    shapes = [(name, m.in_features, m.out_features) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+              and ".layers." in name]
     with torch.no_grad():
         reference = model(IDS).logits
         awq_int4(model, CALIB, group_size=64)
@@ -69,6 +71,10 @@ def test_awq_int4_packs_and_stays_close_to_fp32():
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "WQLinear_GEMM"
     assert model.model.layers[0].self_attn.q_proj.qweight.dtype == torch.int32
     assert count_parameters(model) == fp32_count  # packed INT4 weights counted as what they stand for
+    # per linear: 4-bit weights, and per group of 64 inputs an fp16 scale and a 4-bit zero per output
+    expected = {name: (i * o) // 2 + (i // 64) * o * 2 + (i // 64) * o // 2 for name, i, o in shapes}
+    for name, _, _ in shapes:
+        assert storage_bytes(model.get_submodule(name)) == expected[name], name
     # Stated tolerance: 25% relative logit error. Random Gaussian weights are the worst case for 4 bits
     # (no outlier channels for AWQ to protect): measured 20.6%.
     assert 0 < _relative_error(quantized, reference) < 0.25
@@ -108,12 +114,16 @@ def test_fake_quantize_uses_sixteen_levels_per_group():
 
 def test_int8_dynamic_logits_stay_close_to_fp32():
     model = _pruned_llama()
+    linears = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in name]
+    # int8 weights plus an fp32 scale and an int8 zero point per output row, instead of fp32 weights
+    expected = storage_bytes(model) - sum(4 * m.weight.numel() - m.weight.numel() - 5 * m.out_features for m in linears)
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         reference = model(ids).logits
         int8_dynamic(model)
         quantized = model(ids).logits
     assert 0 < _relative_error(quantized, reference) < 0.05
+    assert storage_bytes(model) == expected
     with pytest.raises(ValueError, match="already quantized"):
         int8_dynamic(model)
 
