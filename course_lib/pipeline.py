@@ -21,6 +21,7 @@ from torch import nn
 
 from . import importance, selection
 from .evaluate import count_parameters, forward_flops, latency, storage_bytes
+from .paths import staged_directory
 from .plan import PruningPlan
 from .profiles import get_profile
 from .pruned_modeling import adapter_for
@@ -178,25 +179,28 @@ def run(config: PruningConfig, out_dir: str | Path, progress: bool = True, task=
                 lora_rank=config.lora_rank, distill_alpha=config.distill_alpha, seed=config.seed),
                 teacher=teacher, data_collator=task.data_collator, progress=progress)
             history.append(_measure(f"recovered{tag}", model, task, config, best_eval_loss=result["best_eval_loss"]))
-    model.save_pretrained(out / "model")
-    task.tokenizer.save_pretrained(out / "model")
+    with staged_directory(out / "model") as staged:
+        model.save_pretrained(staged)
+        task.tokenizer.save_pretrained(staged)
     (out / "plan.json").write_text(json.dumps(plans, indent=2))
     for name in config.quantize:
-        history.append(_quantized(name, model, task, config, calib))
+        history.append(_quantized(name, model, task, config, calib, out))
     _write_report(config, task.quality_name, history, out)
     return history
 
 
-def _quantized(name: str, model: nn.Module, task, config: PruningConfig, calib) -> Stage:
-    from .quantize import awq_int4, int8_dynamic, rtn_int4
+def _quantized(name: str, model: nn.Module, task, config: PruningConfig, calib, out: Path) -> Stage:
+    from .quantize import awq_int4, int8_dynamic, load_awq, rtn_int4, save_awq
 
     quantized = copy.deepcopy(model)
     flops = forward_flops(model, 1, config.latency_seq)  # same arithmetic, fewer bits
     if name == "awq":
         samples = get_profile(config.profile).quant_calib_samples
         awq_int4(quantized, calib[:samples], group_size=config.group_size)
-        return _measure("AWQ int4", quantized, task, config, flops,
-                        note="CPU fallback dequantises every forward: a quality check, not a speed path")
+        save_awq(quantized, out / "awq", task.tokenizer)
+        return _measure("AWQ int4", load_awq(out / "awq"), task, config, flops,
+                        note="measured on the checkpoint saved in `awq/` and loaded back; without autoawq's "
+                             "CUDA kernels every forward dequantises: a quality check, not a speed path")
     if name == "rtn":
         rtn_int4(quantized, group_size=config.group_size)
         return _measure("RTN int4 (simulated)", quantized, task, config, flops,
@@ -226,7 +230,10 @@ def _write_report(config: PruningConfig, quality_name: str, history: list[Stage]
         lines += ["", *notes]
     lines += ["", "Plan per step: `plan.json`. Pruned model (before quantization): `model/`, "
               "load with `AutoModelForCausalLM.from_pretrained('model')` after `import course_lib`, "
-              "or with `trust_remote_code=True`.", "", "![quality and latency by stage](stages.png)"]
+              "or with `trust_remote_code=True`."]
+    if any(s.stage == "AWQ int4" for s in history):
+        lines.append("AWQ INT4 model: `awq/`, load with `course_lib.quantize.load_awq('awq')`.")
+    lines += ["", "![quality and latency by stage](stages.png)"]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     plot_history(history, quality_name, out / "stages.png")
 

@@ -7,16 +7,19 @@ here that rounds weights sets one.
 AWQ on a CPU: autoawq 0.2.9 searches its scales and packs the weights on the CPU, and its
 ``WQLinear_GEMM`` layers fall back to dequantise-then-matmul in plain torch when the CUDA
 extension is absent, so the quantized model can be evaluated in memory (slowly: this path is for
-quality, not speed). Loading a *saved* AWQ checkpoint needs the GPU kernels; that step is only
-done where a GPU is present.
+quality, not speed). ``save_awq`` writes the packed model as a checkpoint and ``load_awq`` reads
+it back on any device (transformers' own AWQ loader wants gptqmodel, not part of this stack).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import awq_search
+from .paths import staged_directory
 from .pruned_modeling import adapter_for
 
 AWQ_ROW_BATCH = 64  # autoawq 0.2.9 searches clipping ranges over output rows in batches of 64
@@ -94,6 +97,60 @@ def awq_int4(model: nn.Module, calib: torch.Tensor, *, group_size: int = 64, zer
     model.config.quantization_config = {"quant_method": "awq", "bits": 4, "group_size": group_size,
                                         "zero_point": zero_point, "version": "gemm"}
     return model
+
+
+def save_awq(model: nn.Module, directory: str | Path, tokenizer=None) -> Path:
+    """Write an ``awq_int4`` model as a Hugging Face checkpoint, all or nothing.
+
+    The safetensors hold the packed INT4 tensors (``qweight``, ``qzeros``, ``scales`` per linear) and
+    ``config.json`` holds ``quantization_config`` in the AWQ format transformers reads.
+    """
+    config = getattr(model.config, "quantization_config", None) or {}
+    if config.get("quant_method") != "awq":
+        raise ValueError("model is not AWQ-quantized: run awq_int4 on it first")
+    directory = Path(directory)
+    with staged_directory(directory) as staged:
+        model.save_pretrained(staged)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staged)
+    return directory
+
+
+def load_awq(directory: str | Path) -> nn.Module:
+    """Load a checkpoint written by ``save_awq``, on a CPU as well as a GPU; returns it in eval mode.
+
+    transformers 5.17 loads AWQ checkpoints only through gptqmodel, which is not part of this
+    course's stack ("Loading an AWQ quantized model requires gptqmodel"). The checkpoint is nothing but packed tensors, so this builds the model from its
+    config (pruned widths included), puts autoawq's ``WQLinear_GEMM`` of the right shape in place
+    of every block linear and loads the tensors strictly: anything missing or left over is an error.
+    """
+    from awq.modules.linear import WQLinear_GEMM
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = Path(directory)
+    config = AutoConfig.from_pretrained(directory)
+    quant = getattr(config, "quantization_config", None) or {}
+    if quant.get("quant_method") != "awq":
+        raise ValueError(f"{directory} is not an AWQ checkpoint (quantization_config: {quant or None})")
+    del config.quantization_config  # else transformers would hand loading to gptqmodel
+    model = AutoModelForCausalLM.from_config(config)
+    for block in adapter_for(model).blocks(model):
+        for name, linear in list(block.named_modules()):
+            if isinstance(linear, nn.Linear):
+                block.set_submodule(name, WQLinear_GEMM(quant["bits"], quant["group_size"], linear.in_features,
+                                                        linear.out_features, linear.bias is not None, "cpu"))
+    state = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        state.update(load_file(shard))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"{directory} does not match its config: missing {sorted(set(missing) - tied)}, "
+                         f"unexpected {sorted(unexpected)}")
+    model.tie_weights()
+    model.config.quantization_config = quant
+    return model.eval()
 
 
 def awq_rescale(model: nn.Module, calib: torch.Tensor, *, group_size: int = 64, clip: bool = False) -> nn.Module:

@@ -7,7 +7,6 @@ cached as safetensors under ``data/cache/models/``, so notebooks and the pipelin
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from datasets import Dataset
@@ -16,7 +15,7 @@ from transformers import AutoTokenizer, BertForSequenceClassification, DataColla
 from . import zoo
 from .data import load_sentiment
 from .evaluate import classifier_accuracy
-from .paths import cache_dir
+from .paths import cache_dir, staged_directory
 from .profiles import get_profile
 from .recovery import RecoveryConfig, fine_tune
 
@@ -59,14 +58,11 @@ def train_baseline(config: RecoveryConfig = BASELINE_CONFIG, profile: str | None
               data_collator=DataCollatorWithPadding(tokenizer), progress=progress)
     accuracy = sentiment_accuracy(model, tokenizer)
     dest = baseline_dir(profile)
-    partial = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    metrics = {"test_accuracy": accuracy, "test_examples": len(data["test"]), "train_examples": len(train)}
-    (partial / "metrics.json").write_text(json.dumps(metrics))
-    shutil.rmtree(dest, ignore_errors=True)
-    partial.rename(dest)  # a crash never leaves a half-written baseline behind
+    with staged_directory(dest) as staged:  # a crash never leaves a half-written baseline behind
+        model.save_pretrained(staged)
+        tokenizer.save_pretrained(staged)
+        metrics = {"test_accuracy": accuracy, "test_examples": len(data["test"]), "train_examples": len(train)}
+        (staged / "metrics.json").write_text(json.dumps(metrics))
     return dest
 
 

@@ -12,6 +12,7 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaConfig,
 from course_lib.evaluate import accuracy, perplexity
 from course_lib.pipeline import PruningConfig, run
 from course_lib.plan import PruningPlan
+from course_lib.quantize import load_awq
 from course_lib.surgery import apply_plan
 
 
@@ -103,6 +104,31 @@ def test_decoder_pipeline_end_to_end(tmp_path, steps):
     report = (tmp_path / "report.md").read_text()
     assert "| stage | params | weights MB | latency ms (IQR) | measured speedup | ideal speedup | measured / ideal | perplexity |" in report
     assert report.count("\n| ") == len(history) + 1
+
+
+class TinyAwqDecoderTask(TinyDecoderTask):
+    """The same task on a Llama whose every width is a multiple of 64, as AWQ's packing needs."""
+
+    def load(self):
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256,
+                                            num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+                                            head_dim=64)).eval()
+
+
+@pytest.mark.slow
+def test_decoder_pipeline_quantizes_with_awq_and_rtn(tmp_path):
+    config = PruningConfig(model="tiny", neuron_fraction=0.25, protect_first=0, protect_last=0, recovery_epochs=0,
+                           quantize=("awq", "rtn"), latency_seq=16)
+    history = run(config, tmp_path, progress=False, task=TinyAwqDecoderTask())
+    assert [s.stage for s in history] == ["dense", "pruned", "AWQ int4", "RTN int4 (simulated)"]
+    pruned, awq, rtn = history[1:]
+    assert awq.params == rtn.params == pruned.params  # packed weights counted as what they stand for
+    assert awq.weight_bytes < pruned.weight_bytes == rtn.weight_bytes  # RTN here is simulated in fp32
+    assert abs(awq.quality - pruned.quality) < 0.1 * pruned.quality  # an untrained model: near uniform either way
+    loaded = load_awq(tmp_path / "awq")  # the stage was measured on this reloaded checkpoint
+    assert TinyAwqDecoderTask().quality(loaded) == awq.quality
+    assert "`course_lib.quantize.load_awq('awq')`" in (tmp_path / "report.md").read_text()
 
 
 def test_encoder_pipeline_end_to_end(tmp_path):

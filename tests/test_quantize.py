@@ -8,7 +8,8 @@ from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
 from course_lib.evaluate import count_parameters, storage_bytes
 from course_lib.plan import PruningPlan
-from course_lib.quantize import awq_int4, awq_rescale, check_group_size, fake_quantize, int8_dynamic, rtn_int4
+from course_lib.quantize import (awq_int4, awq_rescale, check_group_size, fake_quantize, int8_dynamic, load_awq, rtn_int4,
+                                 save_awq)
 from course_lib.surgery import apply_plan
 
 
@@ -180,3 +181,38 @@ def test_clip_search_matches_autoawq_exactly(monkeypatch, zero_point):
     assert got.shape == (192, 4, 1)
     assert torch.equal(got, expected)
     assert (got < weight.reshape(192, 4, 64).abs().amax(-1, keepdim=True)).any()  # some groups clipped
+
+
+@pytest.mark.slow
+def test_awq_checkpoint_round_trip_on_cpu(tmp_path):
+    model = _pruned_llama()
+    awq_int4(model, CALIB, group_size=64)
+    with torch.no_grad():
+        before = model(IDS).logits
+    save_awq(model, tmp_path / "awq")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+    loaded = load_awq(tmp_path / "awq")
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, before)
+    assert loaded.config.quantization_config == model.config.quantization_config
+    assert storage_bytes(loaded) == storage_bytes(model)
+    with pytest.raises(ValueError, match="prune first, then quantize"):
+        apply_plan(loaded, PruningPlan(layers=[0]))
+
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "awq" / "model.safetensors"
+    state = load_file(weights)
+    del state["model.layers.1.mlp.down_proj.scales"]
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing \['model.layers.1.mlp.down_proj.scales'\]"):
+        load_awq(tmp_path / "awq")
+
+
+def test_awq_checkpoints_refuse_other_models(tmp_path):
+    model = _pruned_llama()
+    with pytest.raises(ValueError, match="not AWQ-quantized"):
+        save_awq(model, tmp_path / "plain")
+    model.save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="is not an AWQ checkpoint"):
+        load_awq(tmp_path / "plain")
