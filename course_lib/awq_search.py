@@ -8,13 +8,16 @@ autoawq's own.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 CLIP_CHUNK_ELEMENTS = 2**26  # bound on one [groups, tokens, rows] product of the clip search (256 MiB fp32)
 
 
+@functools.cache
 def quantizer_cls():
-    """The repaired ``AwqQuantizer`` subclass (imported lazily: autoawq is heavy and optional)."""
+    """The repaired ``AwqQuantizer`` subclass, one per process (imported lazily: autoawq is heavy)."""
     from awq.quantize.quantizer import AwqQuantizer
 
     class CpuSafeAwqQuantizer(AwqQuantizer):

@@ -120,9 +120,10 @@ def load_awq(directory: str | Path) -> nn.Module:
     """Load a checkpoint written by ``save_awq``, on a CPU as well as a GPU; returns it in eval mode.
 
     transformers 5.17 loads AWQ checkpoints only through gptqmodel, which is not part of this
-    course's stack ("Loading an AWQ quantized model requires gptqmodel"). The checkpoint is nothing but packed tensors, so this builds the model from its
-    config (pruned widths included), puts autoawq's ``WQLinear_GEMM`` of the right shape in place
-    of every block linear and loads the tensors strictly: anything missing or left over is an error.
+    course's stack ("Loading an AWQ quantized model requires gptqmodel"). The checkpoint is nothing
+    but packed tensors, so this builds the model from its config (pruned widths included), puts
+    autoawq's ``WQLinear_GEMM`` of the right shape in place of every block linear and loads the
+    tensors strictly: anything missing or left over is an error.
     """
     from awq.modules.linear import WQLinear_GEMM
     from safetensors.torch import load_file
