@@ -38,7 +38,8 @@ def main() -> int:
     args = parser.parse_args()
     profile = get_profile("ci")
     model, tokenizer = zoo.load_decoder()
-    ids = tokenizer(data.prose_text("test"), return_tensors="pt", verbose=False).input_ids[0, :profile.ppl_max_tokens or None]
+    ids = tokenizer(data.prose_text("test"), return_tensors="pt", verbose=False).input_ids[0]
+    ids = ids[:profile.ppl_max_tokens or None]
     calib = data.calibration_batches(tokenizer, profile.quant_calib_samples, profile.calib_tokens)
 
     def ppl(m):

@@ -36,7 +36,8 @@ def execute(path: Path, keep: Path | None = None) -> tuple[float, list[str], int
     With ``keep``, the executed notebook is written there (same name) for reading its outputs.
     """
     notebook = nbformat.read(path, as_version=4)
-    client = NotebookClient(notebook, timeout=1800, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
+    client = NotebookClient(notebook, timeout=1800, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}})
     start = time.perf_counter()
     try:
         client.execute()

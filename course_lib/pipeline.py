@@ -118,7 +118,8 @@ def prune_step(model: nn.Module, calib, config: PruningConfig, n_layers: int, n_
     applied plans in order (each in the numbering of the model it was applied to).
     """
     protect = dict(protect_first=config.protect_first, protect_last=config.protect_last)
-    align = dict(multiple=config.multiple, quant_group_size=config.group_size if set(INT4) & set(config.quantize) else None)
+    int4 = set(INT4) & set(config.quantize)
+    align = dict(multiple=config.multiple, quant_group_size=config.group_size if int4 else None)
     applied = []
 
     def apply(kind: str, plan: PruningPlan) -> None:
@@ -219,11 +220,13 @@ def _write_report(config: PruningConfig, quality_name: str, history: list[Stage]
     lines = [f"# Pruning report: {config.model} ({config.profile} profile)", "",
              f"Latency: forward pass of 1 x {config.latency_seq} tokens, median of repeated runs on this machine, "
              f"{torch.get_num_threads()} threads. Ideal speedup = dense FLOPs / stage FLOPs.", "",
-             f"| stage | params | weights MB | latency ms (IQR) | measured speedup | ideal speedup | measured / ideal | {quality_name} |",
+             "| stage | params | weights MB | latency ms (IQR) | measured speedup | ideal speedup | measured / ideal "
+             f"| {quality_name} |",
              "|---|---|---|---|---|---|---|---|"]
     for s in history:
         measured, ideal = dense.latency_ms / s.latency_ms, dense.flops / s.flops
-        lines.append(f"| {s.stage} | {s.params / 1e6:.2f}M | {s.weight_bytes / 1e6:.1f} | {s.latency_ms:.1f} ({s.latency_iqr_ms:.1f}) | "
+        lines.append(f"| {s.stage} | {s.params / 1e6:.2f}M | {s.weight_bytes / 1e6:.1f} | "
+                     f"{s.latency_ms:.1f} ({s.latency_iqr_ms:.1f}) | "
                      f"{measured:.2f}x | {ideal:.2f}x | {measured / ideal:.2f} | {s.quality:.4g} |")
     notes = [f"- {s.stage}: {s.extra['note']}" for s in history if "note" in s.extra]
     if notes:
@@ -231,7 +234,7 @@ def _write_report(config: PruningConfig, quality_name: str, history: list[Stage]
     lines += ["", "Plan per step: `plan.json`. Pruned model (before quantization): `model/`, "
               "load with `AutoModelForCausalLM.from_pretrained('model')` after `import course_lib`, "
               "or with `trust_remote_code=True`."]
-    if any(s.stage == "AWQ int4" for s in history):
+    if "awq" in config.quantize:
         lines.append("AWQ INT4 model: `awq/`, load with `course_lib.quantize.load_awq('awq')`.")
     lines += ["", "![quality and latency by stage](stages.png)"]
     (out / "report.md").write_text("\n".join(lines) + "\n")

@@ -93,6 +93,15 @@ def zero_rows(linear, rows):
             linear.bias[rows] = 0
 
 
+def zero_queries_and_output(q, o, head):
+    """Zero one head's Q rows and O columns; returns the head's row slice."""
+    rows = slice(head * HEAD_DIM, (head + 1) * HEAD_DIM)
+    zero_rows(q, rows)
+    with torch.no_grad():
+        o.weight[:, rows] = 0
+    return rows
+
+
 def assert_last(scores: torch.Tensor, index, label: str):
     """``scores[index]`` is the strict minimum over all finite scores."""
     target = scores[index]
@@ -114,10 +123,7 @@ def test_fully_zeroed_head_ranks_last(name, method):
     model = build()
     layer, head = 1, 2
     adapter, block, q, k, v, o = heads_of(model, layer)
-    rows = slice(head * HEAD_DIM, (head + 1) * HEAD_DIM)
-    zero_rows(q, rows)
-    with torch.no_grad():
-        o.weight[:, rows] = 0
+    rows = zero_queries_and_output(q, o, head)
     if adapter.num_kv_heads(block) == adapter.num_heads(block):  # MHA: the head owns its K and V rows
         zero_rows(k, rows)
         zero_rows(v, rows)
@@ -134,10 +140,7 @@ def test_head_with_zero_q_rows_and_o_columns_ranks_last(name, method):
     model = build()
     layer, head = 2, 1
     _, _, q, _, _, o = heads_of(model, layer)
-    rows = slice(head * HEAD_DIM, (head + 1) * HEAD_DIM)
-    zero_rows(q, rows)
-    with torch.no_grad():
-        o.weight[:, rows] = 0
+    zero_queries_and_output(q, o, head)
     assert_last(head_scores(model, data(), method, **kwargs_for(name)), (layer, head), f"{name}/{method}")
 
 

@@ -102,7 +102,9 @@ def test_decoder_pipeline_end_to_end(tmp_path, steps):
     for name in ("report.md", "history.json", "stages.png", "model/model.safetensors", "model/config.json"):
         assert (tmp_path / name).exists(), name
     report = (tmp_path / "report.md").read_text()
-    assert "| stage | params | weights MB | latency ms (IQR) | measured speedup | ideal speedup | measured / ideal | perplexity |" in report
+    header = ("| stage | params | weights MB | latency ms (IQR) | measured speedup | ideal speedup | measured / ideal "
+              "| perplexity |")
+    assert header in report
     assert report.count("\n| ") == len(history) + 1
 
 

@@ -9,8 +9,8 @@ from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
 from course_lib.evaluate import count_parameters, storage_bytes
 from course_lib.plan import PruningPlan
-from course_lib.quantize import (awq_int4, awq_rescale, check_group_size, fake_quantize, int8_dynamic, load_awq, rtn_int4,
-                                 save_awq)
+from course_lib.quantize import (awq_int4, awq_rescale, check_group_size, fake_quantize, int8_dynamic, load_awq,
+                                 rtn_int4, save_awq)
 from course_lib.surgery import apply_plan
 
 
@@ -63,8 +63,8 @@ def test_awq_scales_alone_keep_the_function():
 def test_awq_int4_packs_and_stays_close_to_fp32():
     model = _pruned_llama()
     fp32_count = count_parameters(model)
-    shapes = [(name, m.in_features, m.out_features) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-              and ".layers." in name]
+    shapes = [(name, m.in_features, m.out_features) for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and ".layers." in name]
     with torch.no_grad():
         reference = model(IDS).logits
         awq_int4(model, CALIB, group_size=64)

@@ -365,19 +365,6 @@ BAD_LLAMA_PLANS = [
 ]
 
 
-@pytest.mark.parametrize("plan,words", BAD_LLAMA_PLANS, ids=[w[0] + ":" + w[-1] for _, w in BAD_LLAMA_PLANS])
-def test_bad_plan_names_layer_and_problem_and_leaves_model_unchanged(plan, words):
-    model = tiny_llama()
-    snapshot = _snapshot(model)
-    with pytest.raises(ValueError) as info:
-        apply_plan(model, plan)
-    for word in words:
-        assert word in str(info.value), f"{word!r} not in {str(info.value)!r}"
-    with pytest.raises(ValueError):
-        parameters_removed(model, plan)
-    _assert_unchanged(model, snapshot)
-
-
 BAD_BERT_PLANS = [
     (PruningPlan(heads={0: [0, 1, 2, 3]}), ["heads", "layer 0", "0 of 4"]),
     (PruningPlan(heads={2: [4]}), ["heads", "layer 2", "[4]", "out of range"]),
@@ -386,14 +373,21 @@ BAD_BERT_PLANS = [
 ]
 
 
-@pytest.mark.parametrize("plan,words", BAD_BERT_PLANS)
-def test_bad_bert_plan(plan, words):
-    model = tiny_bert()
+BAD_PLANS = [(tiny_llama, plan, words) for plan, words in BAD_LLAMA_PLANS] + \
+            [(tiny_bert, plan, words) for plan, words in BAD_BERT_PLANS]
+
+
+@pytest.mark.parametrize("build,plan,words", BAD_PLANS,
+                         ids=[f"{build.__name__}:{w[0]}:{w[-1]}" for build, _, w in BAD_PLANS])
+def test_bad_plan_names_layer_and_problem_and_leaves_model_unchanged(build, plan, words):
+    model = build()
     snapshot = _snapshot(model)
     with pytest.raises(ValueError) as info:
         apply_plan(model, plan)
     for word in words:
         assert word in str(info.value), f"{word!r} not in {str(info.value)!r}"
+    with pytest.raises(ValueError):
+        parameters_removed(model, plan)
     _assert_unchanged(model, snapshot)
 
 
