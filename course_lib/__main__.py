@@ -1,6 +1,7 @@
 """``python -m course_lib``: run the pruning pipeline and write a report folder.
 
     python -m course_lib demo                       # the embedded decoder, ci profile defaults
+    python -m course_lib run --param-fraction 0.2 --out reports/smollm2-20   # the planner picks the mix
     python -m course_lib run --model minilm-l6 --head-fraction 0.25 --out reports/minilm
 """
 
@@ -12,8 +13,7 @@ import sys
 
 from .pipeline import QUANTIZERS, PruningConfig, run
 
-DEMO = PruningConfig(model="smollm2-135m", layers=2, head_fraction=0.0, neuron_fraction=0.25,
-                     recovery_epochs=1, quantize=("awq", "rtn", "int8"))
+DEMO = PruningConfig(model="smollm2-135m", param_fraction=0.2, recovery_epochs=1, quantize=("awq", "rtn", "int8"))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
         default = getattr(defaults, f.name)
         if f.name == "quantize":
             runner.add_argument(flag, nargs="*", default=list(default), help=f"any of {', '.join(QUANTIZERS)}")
+        elif isinstance(default, bool):
+            runner.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=f"default: {default}")
         else:
             runner.add_argument(flag, type=type(default), default=default, help=f"default: {default}")
     return parser

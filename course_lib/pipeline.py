@@ -4,6 +4,19 @@
 and writes the report folder: ``report.md``, ``history.json``, ``plan.json``, PNG plots and the
 saved pruned model (safetensors, reloadable with ``from_pretrained``).
 
+Two ways to say how much to remove:
+
+* ``param_fraction`` (the default path, and ``make demo``'s): a share of the block parameters;
+  ``budget.plan_for_budget`` chooses the mix of layers, heads and neurons from measured
+  sensitivity;
+* the explicit ``layers`` / ``head_fraction`` / ``neuron_fraction`` (the notebooks' path): each
+  kind is scored and selected in turn, with scores divided by their layer's median first
+  (``selection.layer_normalised``) so that no global ranking compares raw scores of different
+  scales.
+
+Either way the consumers of removed heads and neurons are refitted by least squares
+(``reconstruction``) unless ``reconstruct=False``.
+
 One-shot is ``steps=1``; iterative pruning splits the same total budget over ``steps`` rounds,
 scoring the *current* model each round and recovering after each, so later choices see the
 effect of earlier removals.
@@ -20,11 +33,13 @@ import torch
 from torch import nn
 
 from . import importance, selection
+from .budget import plan_for_budget
 from .evaluate import count_parameters, forward_flops, latency, storage_bytes
 from .paths import staged_directory
 from .plan import PruningPlan
 from .profiles import get_profile
 from .pruned_modeling import adapter_for
+from .reconstruction import prune_and_reconstruct
 from .recovery import RecoveryConfig, fine_tune
 from .surgery import apply_plan
 from .tasks import task_for
@@ -39,6 +54,8 @@ class PruningConfig:
 
     model: str = "smollm2-135m"
     profile: str = "ci"
+    param_fraction: float = 0.0  # > 0: remove this share of the block parameters, the planner picks the mix
+    reconstruct: bool = True  # refit the projections that consumed removed heads and neurons
     layers: int = 0  # blocks removed in total
     head_fraction: float = 0.0  # of query heads (or KV groups with granularity="kv_group")
     head_method: str = "taylor"
@@ -61,10 +78,15 @@ class PruningConfig:
 
     def __post_init__(self) -> None:
         get_profile(self.profile)
-        for name in ("head_fraction", "neuron_fraction"):
+        for name in ("param_fraction", "head_fraction", "neuron_fraction"):
             value = getattr(self, name)
             if not 0 <= value < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {value}")
+        if self.param_fraction and (self.layers or self.head_fraction or self.neuron_fraction):
+            raise ValueError("give either param_fraction (the planner picks the mix) or layers / head_fraction / "
+                             f"neuron_fraction, not both (got param_fraction={self.param_fraction}, layers="
+                             f"{self.layers}, head_fraction={self.head_fraction}, "
+                             f"neuron_fraction={self.neuron_fraction})")
         choices = {"head_method": importance.HEAD_METHODS, "neuron_method": importance.NEURON_METHODS,
                    "granularity": ("query", "kv_group"), "layer_metric": ("bi", "angular")}
         for name, allowed in choices.items():
@@ -109,34 +131,62 @@ def _measure(name: str, model: nn.Module, task, config: PruningConfig, flops: in
                  extra=extra)
 
 
+def _alignment(config: PruningConfig) -> dict:
+    int4 = set(INT4) & set(config.quantize)
+    return dict(multiple=config.multiple, quant_group_size=config.group_size if int4 else None)
+
+
+def _applier(model: nn.Module, plan_calib, config: PruningConfig, applied: list):
+    """``apply(kind, plan)``: surgery (with reconstruction unless switched off), recorded in ``applied``."""
+    def apply(kind: str, plan: PruningPlan) -> None:
+        entry = {"kind": kind, "plan": plan.to_dict(), "selection": selection.selection_info(plan)}
+        if config.reconstruct:
+            report = prune_and_reconstruct(model, plan, plan_calib, progress=False)
+            entry["reconstruction"] = report.rows
+        else:
+            apply_plan(model, plan)
+        applied.append(entry)
+
+    return apply
+
+
 def prune_step(model: nn.Module, calib, config: PruningConfig, n_layers: int, n_heads: int,
-               n_neurons: int) -> list[dict]:
-    """One round: remove layers, then heads, then neurons, scoring the model as it is each time.
+               n_neurons: int, plan_calib=None) -> list[dict]:
+    """One round of the explicit path: remove layers, then heads, then neurons, scoring the model as it is.
 
     Applying each kind before scoring the next means no budget is spent on heads or neurons of a
-    block that is about to go, and each score sees the model it will actually prune. Returns the
+    block that is about to go, and each score sees the model it will actually prune. Head and
+    neuron scores are divided by their layer's median before the global ranking. Returns the
     applied plans in order (each in the numbering of the model it was applied to).
     """
     protect = dict(protect_first=config.protect_first, protect_last=config.protect_last)
-    int4 = set(INT4) & set(config.quantize)
-    align = dict(multiple=config.multiple, quant_group_size=config.group_size if int4 else None)
-    applied = []
-
-    def apply(kind: str, plan: PruningPlan) -> None:
-        apply_plan(model, plan)
-        applied.append({"kind": kind, "plan": plan.to_dict(), "selection": selection.selection_info(plan)})
-
+    applied: list[dict] = []
+    apply = _applier(model, calib if plan_calib is None else plan_calib, config, applied)
     if n_layers:
         scores = importance.block_influence(model, calib, metric=config.layer_metric)
         apply("layers", selection.select_layers(model, scores, count=n_layers, **protect))
     if n_heads:
-        scores = importance.head_scores(model, calib, config.head_method)
+        scores = selection.layer_normalised(importance.head_scores(model, calib, config.head_method))
         apply("heads", selection.select_heads(model, scores, count=n_heads, granularity=config.granularity,
-                                              **protect, **align))
+                                              **protect, **_alignment(config)))
     if n_neurons:
-        scores = importance.neuron_scores(model, calib, config.neuron_method)
-        apply("neurons", selection.select_neurons(model, scores, count=n_neurons, **protect, **align))
+        scores = selection.layer_normalised(importance.neuron_scores(model, calib, config.neuron_method))
+        apply("neurons", selection.select_neurons(model, scores, count=n_neurons, **protect, **_alignment(config)))
     return applied
+
+
+def budget_step(model: nn.Module, plan_calib, config: PruningConfig, fraction: float) -> list[dict]:
+    """One round of the budget path: ``plan_for_budget`` on the current model, then surgery."""
+    applied: list[dict] = []
+    plan = plan_for_budget(model, plan_calib, fraction=fraction, protect_first=config.protect_first,
+                           protect_last=config.protect_last, **_alignment(config), progress=False)
+    _applier(model, plan_calib, config, applied)("budget", plan)
+    return applied
+
+
+def block_parameters(model: nn.Module) -> int:
+    """Parameters of the transformer blocks (what ``param_fraction`` is a share of)."""
+    return sum(p.numel() for block in adapter_for(model).blocks(model) for p in block.parameters())
 
 
 def _budget(model: nn.Module, config: PruningConfig) -> tuple[int, int]:
@@ -164,13 +214,21 @@ def run(config: PruningConfig, out_dir: str | Path, progress: bool = True, task=
                          "use quantize=('int8',)")
     teacher = copy.deepcopy(model) if config.distill_alpha > 0 else None
     calib = task.calibration(seed=config.seed)
+    plan_calib = task.planning_calibration(seed=config.seed) if config.param_fraction or config.reconstruct else None
     history = [_measure("dense", model, task, config)]
     heads_total, neurons_total = _budget(model, config)
+    dense_blocks = block_parameters(model)
     plans = []
     for step, (n_layers, n_heads, n_neurons) in enumerate(zip(
             _split(config.layers, config.steps), _split(heads_total, config.steps),
             _split(neurons_total, config.steps)), start=1):
-        plans.append({"step": step, "applied": prune_step(model, calib, config, n_layers, n_heads, n_neurons)})
+        if config.param_fraction:
+            # each round removes its share of the *dense* budget, as a fraction of what is left now
+            still = config.param_fraction * dense_blocks * step / config.steps - (dense_blocks - block_parameters(model))
+            applied = budget_step(model, plan_calib, config, max(still, 1) / block_parameters(model))
+        else:
+            applied = prune_step(model, calib, config, n_layers, n_heads, n_neurons, plan_calib)
+        plans.append({"step": step, "applied": applied})
         tag = f" {step}/{config.steps}" if config.steps > 1 else ""
         history.append(_measure(f"pruned{tag}", model, task, config))
         if config.recovery_epochs:

@@ -24,6 +24,8 @@ class Profile:
     eval_examples: int  # sentiment test examples scored (0 = all)
     train_examples: int  # sentiment train examples for the fine-tuned baseline (0 = all)
     quant_calib_samples: int  # calibration sequences for AWQ's scale and clipping search
+    plan_samples: int  # sequences (encoder: 8 x as many examples) for the budget planner and reconstruction
+    plan_tokens: int  # tokens per planner sequence (decoder)
     device: str
 
     def torch_device(self) -> str:
@@ -46,6 +48,8 @@ PROFILES: dict[str, Profile] = {
         eval_examples=512,
         train_examples=2048,
         quant_calib_samples=8,
+        plan_samples=32,
+        plan_tokens=256,
         device="cpu",
     ),
     "full": Profile(
@@ -60,6 +64,8 @@ PROFILES: dict[str, Profile] = {
         eval_examples=0,
         train_examples=0,
         quant_calib_samples=128,
+        plan_samples=128,
+        plan_tokens=512,
         device="cuda",
     ),
 }

@@ -70,6 +70,13 @@ def slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
     return new
 
 
+def add_bias(linear: nn.Linear) -> None:
+    """Give a bias-free ``nn.Linear`` a zero bias (on its weight's device, meta included)."""
+    w = linear.weight
+    linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=w.dtype, device=w.device),
+                               requires_grad=w.requires_grad)
+
+
 def head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Row indices of the projection rows that belong to ``heads`` (in the given order)."""
     heads = torch.as_tensor(heads, dtype=torch.long)
@@ -137,11 +144,18 @@ class FamilyAdapter:
     def intermediate_size(self, block: nn.Module) -> int:
         return self.mlp_out(block).in_features
 
-    def layer_shape(self, block: nn.Module) -> dict[str, int]:
+    def layer_shape(self, block: nn.Module) -> dict[str, int | bool]:
+        """Everything ``narrow_to`` needs to rebuild the block: widths, and which consumers have a bias.
+
+        Reconstruction (``course_lib.reconstruction``) may give ``o_proj`` / ``down_proj`` a bias
+        that a stock Llama block does not have; the flags make ``from_pretrained`` create it.
+        """
         return {
             "num_attention_heads": self.num_heads(block),
             "num_key_value_heads": self.num_kv_heads(block),
             "intermediate_size": self.intermediate_size(block),
+            "o_bias": self.o_proj(block).bias is not None,
+            "mlp_out_bias": self.mlp_out(block).bias is not None,
         }
 
     # ---- narrowing (the only code that changes shapes) ---------------------------------------
@@ -168,6 +182,9 @@ class FamilyAdapter:
         """
         self.keep_heads(block, torch.arange(shape["num_attention_heads"]), torch.arange(shape["num_key_value_heads"]))
         self.keep_neurons(block, torch.arange(shape["intermediate_size"]))
+        for key, linear in (("o_bias", self.o_proj(block)), ("mlp_out_bias", self.mlp_out(block))):
+            if shape.get(key) and linear.bias is None:  # older checkpoints have no flag: no bias
+                add_bias(linear)
 
     def _set_qkv(self, block, q, k, v) -> None:
         raise NotImplementedError

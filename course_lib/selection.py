@@ -98,6 +98,7 @@ __all__ = [
     "plan_summary",
     "format_summary",
     "selection_info",
+    "layer_normalised",
 ]
 
 BUDGETS = ("structures", "parameters")
@@ -663,6 +664,30 @@ def select_span(start: int, n: int, *, model: nn.Module | None = None) -> Prunin
         plan.validate(model)
     return _attach(plan, [{"kind": "select_span", "unit": "layers", "budget": "structures",
                            "requested": n, "achieved": n, "rule": "exact"}])
+
+
+# ---- scales --------------------------------------------------------------------------------------
+def layer_normalised(scores):
+    """Each layer's scores divided by that layer's median: the same order within a layer, one scale across.
+
+    Raw Wanda, Taylor or magnitude scores carry each layer's activation or weight scale, so a
+    global ranking of them mostly ranks *layers* (the trap notebook 05 shows: early layers
+    stripped bare, late ones left whole). After division a score reads "this many times as
+    important as a typical unit of its layer". Takes a list of per-layer vectors or a NaN-padded
+    ``[L, N]`` tensor and returns the same shape.
+    """
+    padded = not isinstance(scores, (list, tuple))
+    rows = list(torch.as_tensor(scores)) if padded else [torch.as_tensor(s) for s in scores]
+    out = []
+    for i, row in enumerate(rows):
+        row = row.to(torch.float64)
+        values = row[~torch.isnan(row)]
+        median = values.median() if values.numel() else torch.tensor(float("nan"))
+        if not bool(median > 0):
+            raise ValueError(f"scores: layer {i} has median score {float(median)}, not positive; "
+                             "cannot normalise by it")
+        out.append((row / median).float())
+    return torch.stack(out) if padded else out
 
 
 # ---- merging -----------------------------------------------------------------------------------

@@ -34,6 +34,11 @@ class DecoderTask:
     def calibration(self, seed: int = 0):
         return data.calibration_batches(self.tokenizer, self.profile.calib_samples, self.profile.calib_tokens, seed=seed)
 
+    def planning_calibration(self, seed: int = 0):
+        """Windows of the calibration split for the budget planner and reconstruction (more than
+        the scores need: a least-squares refit of a 1,536-wide projection wants several thousand tokens)."""
+        return data.calibration_batches(self.tokenizer, self.profile.plan_samples, self.profile.plan_tokens, seed=seed)
+
     def _held_out_ids(self) -> torch.Tensor:
         ids = self.tokenizer(data.prose_text("test"), return_tensors="pt", verbose=False)["input_ids"][0]
         return ids[: self.profile.ppl_max_tokens] if self.profile.ppl_max_tokens else ids
@@ -66,12 +71,17 @@ class EncoderTask:
         model, self.tokenizer, self.baseline_metrics = sentiment.load_baseline(self.profile.name)
         return model.to(self.profile.torch_device())
 
-    def calibration(self, seed: int = 0) -> list[dict]:
-        train = data.load_sentiment()["train"].shuffle(seed=seed).select(range(self.profile.calib_samples))
+    def calibration(self, seed: int = 0, examples: int | None = None) -> list[dict]:
+        """Batches of 8 labelled train examples (``profile.calib_samples`` of them unless ``examples``)."""
+        train = data.load_sentiment()["train"].shuffle(seed=seed).select(range(examples or self.profile.calib_samples))
         batch = self.tokenizer(list(train["text"]), padding=True, truncation=True,
                                max_length=sentiment.MAX_LENGTH, return_tensors="pt")
         return [{**{k: v[i:i + 8] for k, v in batch.items()}, "labels": torch.tensor(train["label"][i:i + 8])}
                 for i in range(0, len(train), 8)]
+
+    def planning_calibration(self, seed: int = 0) -> list[dict]:
+        """``8 x profile.plan_samples`` train examples for the budget planner and reconstruction."""
+        return self.calibration(seed, examples=8 * self.profile.plan_samples)
 
     def quality(self, model: nn.Module) -> float:
         return sentiment.sentiment_accuracy(model, self.tokenizer, limit=self.profile.eval_examples)

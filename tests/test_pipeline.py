@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 from datasets import Dataset
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 from course_lib.evaluate import accuracy, perplexity
 from course_lib.pipeline import PruningConfig, run
@@ -41,6 +41,9 @@ class TinyDecoderTask:
     def calibration(self, seed=0):
         return self._ids(8, seed)
 
+    def planning_calibration(self, seed=0):
+        return self._ids(16, seed + 5)
+
     def quality(self, model):
         return perplexity(model, self._ids(4, 99).reshape(-1), context=32)
 
@@ -65,10 +68,13 @@ class TinyEncoderTask:
         ids = torch.randint(0, 64, (n, 12), generator=torch.Generator().manual_seed(seed))
         return ids, (ids[:, 0] % 2 == 0).long()
 
-    def calibration(self, seed=0):
-        ids, labels = self._data(16, seed)
+    def calibration(self, seed=0, n=16):
+        ids, labels = self._data(n, seed)
         return [{"input_ids": ids[i:i + 8], "attention_mask": torch.ones_like(ids[i:i + 8]),
-                 "labels": labels[i:i + 8]} for i in (0, 8)]
+                 "labels": labels[i:i + 8]} for i in range(0, n, 8)]
+
+    def planning_calibration(self, seed=0):
+        return self.calibration(seed + 5, n=32)
 
     def quality(self, model):
         ids, labels = self._data(64, 99)
@@ -106,6 +112,25 @@ def test_decoder_pipeline_end_to_end(tmp_path, steps):
               "| perplexity |")
     assert header in report
     assert report.count("\n| ") == len(history) + 1
+
+
+@pytest.mark.parametrize("reconstruct", [True, False])
+def test_budget_pipeline_removes_the_share_of_block_parameters(tmp_path, reconstruct):
+    config = PruningConfig(model="tiny", param_fraction=0.3, multiple=16, protect_first=0, protect_last=1,
+                           steps=2, recovery_epochs=0, quantize=(), latency_seq=16, reconstruct=reconstruct)
+    task = TinyDecoderTask()
+    dense = task.load()
+    history = run(config, tmp_path, progress=False, task=task)
+    assert [s.stage for s in history] == ["dense", "pruned 1/2", "pruned 2/2"]
+    plans = json.loads((tmp_path / "plan.json").read_text())
+    assert [a["kind"] for p in plans for a in p["applied"]] == ["budget", "budget"]
+    assert all(("reconstruction" in a) == reconstruct for p in plans for a in p["applied"])
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    blocks = lambda m: sum(p.numel() for b in m.model.layers for p in b.parameters())  # noqa: E731
+    biases = sum(b.numel() for layer in saved.model.layers for b in (layer.self_attn.o_proj.bias,
+                                                                        layer.mlp.down_proj.bias) if b is not None)
+    assert (biases > 0) == reconstruct
+    assert blocks(dense) - (blocks(saved) - biases) >= 0.3 * blocks(dense)
 
 
 class TinyAwqDecoderTask(TinyDecoderTask):
@@ -166,15 +191,22 @@ def test_pruning_a_quantized_model_is_refused():
     ("quantize", ("gptq",), r"quantize=\['gptq'\] is unknown; allowed: awq, rtn, int8"),
     ("steps", 0, "steps must be >= 1, got 0"),
     ("profile", "huge", "profile='huge' is unknown"),
+    ("param_fraction", 1.0, r"param_fraction must be in \[0, 1\), got 1.0"),
 ])
 def test_config_errors_name_the_parameter(field, value, message):
     with pytest.raises(ValueError, match=message):
         PruningConfig(**{field: value})
 
 
+def test_budget_and_explicit_amounts_are_exclusive():
+    with pytest.raises(ValueError, match="give either param_fraction .* not both"):
+        PruningConfig(param_fraction=0.2, neuron_fraction=0.1)
+
+
 @pytest.mark.parametrize("args,message", [
     (["--neuron-fraction", "1.5"], "neuron_fraction must be in [0, 1), got 1.5"),
     (["--head-method", "psychic"], "head_method='psychic' is unknown"),
+    (["--param-fraction", "1.2"], "param_fraction must be in [0, 1), got 1.2"),
 ])
 def test_cli_rejects_bad_arguments(tmp_path, args, message):
     result = subprocess.run([sys.executable, "-m", "course_lib", "run", "--out", str(tmp_path), *args],

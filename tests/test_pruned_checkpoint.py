@@ -41,6 +41,7 @@ from transformers import (
 )
 
 from course_lib.plan import PruningPlan
+from course_lib.reconstruction import prune_and_reconstruct
 from course_lib.surgery import apply_plan, parameters_removed
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
@@ -235,6 +236,13 @@ def tiny(tmp_path_factory) -> dict[str, Saved]:
     model, plan = _tiny_llama()
     saved["llama"] = prune_and_save("llama", model, plan, "AutoModelForCausalLM", "logits",
                                     *_ids(0, 2, 9, left_pad=True), root, new_tokens=5, pad_token_id=0)
+    model, plan = _tiny_llama()  # the same plan with reconstruction: refitted weights and new biases
+    dense = n_params(model)
+    prune_and_reconstruct(model, plan, torch.randint(3, VOCAB, (4, 12), generator=torch.Generator().manual_seed(7)),
+                          progress=False)
+    saved["llama_reconstructed"] = Saved("llama_reconstructed", model, dense, dense - n_params(model),
+                                         "AutoModelForCausalLM", "logits", *_ids(0, 2, 9, left_pad=True), root,
+                                         new_tokens=5, pad_token_id=0)
     model, plan = _tiny_qwen2()
     saved["qwen2"] = prune_and_save("qwen2", model, plan, "AutoModelForCausalLM", "logits",
                                     *_ids(1, 2, 9, left_pad=True), root, new_tokens=5, pad_token_id=0)
@@ -256,7 +264,18 @@ def tiny_fresh(tiny, tmp_path_factory) -> dict[str, dict]:
     return run_fresh([s.job() for s in tiny.values()], tmp_path_factory.mktemp("fresh_tiny"))
 
 
-TINY = ["llama", "qwen2", "bert", "bert_classifier", "roberta"]
+TINY = ["llama", "llama_reconstructed", "qwen2", "bert", "bert_classifier", "roberta"]
+
+
+def test_reconstructed_checkpoint_has_the_new_biases(tiny):
+    saved = tiny["llama_reconstructed"]
+    plain = tiny["llama"]
+    shapes = saved.model.config.layer_shapes
+    assert any(s["o_bias"] for s in shapes) and any(s["mlp_out_bias"] for s in shapes)
+    assert not any(s["o_bias"] or s["mlp_out_bias"] for s in plain.model.config.layer_shapes)
+    hidden = saved.model.config.hidden_size
+    n_bias = sum(s["o_bias"] + s["mlp_out_bias"] for s in shapes)
+    assert n_params(saved.model) == n_params(plain.model) + n_bias * hidden
 
 
 @pytest.mark.parametrize("name", TINY)

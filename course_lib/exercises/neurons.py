@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import check
+from . import CheckFailed, check
+from ..selection import layer_normalised as selection_layer_normalised
 from ..viz import show_in
 
 __all__ = [
@@ -87,19 +88,11 @@ def mlp_widths(model: nn.Module) -> list[int]:
 
 
 def layer_normalised(scores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Each layer's scores divided by that layer's median score.
-
-    Raw Wanda or magnitude scores carry each layer's activation or weight scale, so a global
-    ranking mostly ranks *layers*. Dividing by the median keeps the order inside a layer and
-    makes "half as important as a typical neuron of its layer" comparable across layers.
-    """
-    out = []
-    for i, s in enumerate(scores):
-        s = torch.as_tensor(s, dtype=torch.float64)
-        median = s.median()
-        check(bool(median > 0), f"layer {i}: median score {float(median)} is not positive; cannot normalise")
-        out.append((s / median).float())
-    return out
+    """``selection.layer_normalised`` (each layer's scores over their median), as an exercise check."""
+    try:
+        return selection_layer_normalised(list(scores))
+    except ValueError as error:
+        raise CheckFailed(str(error)) from None
 
 
 def bottom_overlap(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], fraction: float = 0.25) -> torch.Tensor:

@@ -1,0 +1,34 @@
+"""Tiny random models and calibration ids shared by the planner and reconstruction tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                         initializer_range=0.2, pad_token_id=0, tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_bert(seed: int = 0) -> BertModel:
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=24, max_position_embeddings=32, initializer_range=0.2)
+    return BertModel(config).eval()
+
+
+def calib(seed: int = 1, n: int = 6, t: int = 16) -> torch.Tensor:
+    return torch.randint(3, 64, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def wide_llama(seed=0):
+    """A tiny Llama whose widths allow alignment to 8: 4 layers, 4 query / 2 KV heads of 8, FFN 32."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                         initializer_range=0.2, pad_token_id=0)
+    return LlamaForCausalLM(config).eval()
