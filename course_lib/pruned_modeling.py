@@ -43,6 +43,10 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen2ForSequenceClassification,
     Qwen2Model,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3ForSequenceClassification,
+    Qwen3Model,
     RobertaConfig,
     RobertaForMaskedLM,
     RobertaForSequenceClassification,
@@ -277,10 +281,14 @@ class BertFamily(FamilyAdapter):
 
 
 class LlamaFamily(FamilyAdapter):
-    """Llama, Mistral, Qwen2 (biases on q/k/v), SmolLM2: pre-norm decoders with GQA/MQA/MHA."""
+    """Llama, Mistral, Qwen2 (biases on q/k/v), Qwen3, SmolLM2: pre-norm decoders with GQA/MQA/MHA.
+
+    Qwen3's ``q_norm`` / ``k_norm`` are RMSNorms over one head's ``head_dim``, shared by every
+    head, so removing heads leaves them as they are.
+    """
 
     name = "llama"
-    model_types = ("llama", "mistral", "qwen2")
+    model_types = ("llama", "mistral", "qwen2", "qwen3")
     gated_mlp = True
 
     def blocks(self, model):
@@ -371,6 +379,8 @@ _STOCK = {
                                 "AutoModelForSequenceClassification": MistralForSequenceClassification}),
     "qwen2": (Qwen2Config, {"AutoModel": Qwen2Model, "AutoModelForCausalLM": Qwen2ForCausalLM,
                             "AutoModelForSequenceClassification": Qwen2ForSequenceClassification}),
+    "qwen3": (Qwen3Config, {"AutoModel": Qwen3Model, "AutoModelForCausalLM": Qwen3ForCausalLM,
+                            "AutoModelForSequenceClassification": Qwen3ForSequenceClassification}),
 }
 _AUTO = {"AutoModel": AutoModel, "AutoModelForCausalLM": AutoModelForCausalLM,
          "AutoModelForSequenceClassification": AutoModelForSequenceClassification,

@@ -36,6 +36,8 @@ from transformers import (
     LlamaForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
     RobertaConfig,
     RobertaModel,
 )
@@ -213,6 +215,20 @@ def _tiny_qwen2():
     return Qwen2ForCausalLM(config), plan
 
 
+def _tiny_qwen3():
+    torch.manual_seed(5)
+    config = Qwen3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=24, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                         initializer_range=0.2, pad_token_id=0, bos_token_id=1, eos_token_id=2, attention_bias=True)
+    model = Qwen3ForCausalLM(config)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith(("q_norm", "k_norm")):
+                module.weight.uniform_(0.5, 1.5)
+    plan = PruningPlan(heads={0: [1, 2]}, kv_groups={2: [1]}, neurons={2: list(range(10))}, layers=[1])
+    return model, plan
+
+
 def _tiny_bert(cls):
     torch.manual_seed(2)
     config = BertConfig(vocab_size=VOCAB, hidden_size=48, num_hidden_layers=4, num_attention_heads=4,
@@ -246,6 +262,13 @@ def tiny(tmp_path_factory) -> dict[str, Saved]:
     model, plan = _tiny_qwen2()
     saved["qwen2"] = prune_and_save("qwen2", model, plan, "AutoModelForCausalLM", "logits",
                                     *_ids(1, 2, 9, left_pad=True), root, new_tokens=5, pad_token_id=0)
+    model, plan = _tiny_qwen3()  # reconstructed: its o_proj already has a bias (attention_bias=True)
+    dense = n_params(model)
+    prune_and_reconstruct(model, plan, torch.randint(3, VOCAB, (4, 12), generator=torch.Generator().manual_seed(8)),
+                          progress=False)
+    saved["qwen3_reconstructed"] = Saved("qwen3_reconstructed", model, dense, dense - n_params(model),
+                                         "AutoModelForCausalLM", "logits", *_ids(5, 2, 9, left_pad=True), root,
+                                         new_tokens=5, pad_token_id=0)
     model, plan = _tiny_bert(BertModel)
     saved["bert"] = prune_and_save("bert", model, plan, "AutoModel", "last_hidden_state",
                                    *_ids(2, 2, 10, left_pad=False), root)
@@ -264,7 +287,7 @@ def tiny_fresh(tiny, tmp_path_factory) -> dict[str, dict]:
     return run_fresh([s.job() for s in tiny.values()], tmp_path_factory.mktemp("fresh_tiny"))
 
 
-TINY = ["llama", "llama_reconstructed", "qwen2", "bert", "bert_classifier", "roberta"]
+TINY = ["llama", "llama_reconstructed", "qwen2", "qwen3_reconstructed", "bert", "bert_classifier", "roberta"]
 
 
 def test_reconstructed_checkpoint_has_the_new_biases(tiny):

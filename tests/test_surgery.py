@@ -33,6 +33,8 @@ from transformers import (
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
     RobertaConfig,
     RobertaModel,
 )
@@ -79,7 +81,7 @@ def decoder_configs(draw, family: str):
         n_q = n_kv * draw(st.integers(2, 4))
     elif family == "llama_mqa":
         n_kv, n_q = 1, draw(st.integers(2, 6))
-    else:  # qwen2, mistral: any layout
+    else:  # qwen2, qwen3, mistral: any layout
         n_kv = draw(st.integers(1, 3))
         n_q = n_kv * draw(st.integers(1, 3))
     n_layers = draw(st.integers(1, 4))
@@ -103,6 +105,10 @@ def decoder_configs(draw, family: str):
         sliding = draw(st.booleans())
         return Qwen2Config(use_sliding_window=sliding, sliding_window=4, max_window_layers=draw(st.integers(0, n_layers)),
                            **common), Qwen2ForCausalLM
+    if family == "qwen3":  # per-head q_norm / k_norm; optional biases on q/k/v/o; sliding layers
+        sliding = draw(st.booleans())
+        return Qwen3Config(attention_bias=draw(st.booleans()), use_sliding_window=sliding, sliding_window=4,
+                           max_window_layers=draw(st.integers(0, n_layers)), **common), Qwen3ForCausalLM
     if family == "mistral":
         return MistralConfig(sliding_window=draw(st.sampled_from([None, 3, 4096])), **common), MistralForCausalLM
     return LlamaConfig(attention_bias=draw(st.booleans()), mlp_bias=draw(st.booleans()), **common), LlamaForCausalLM
@@ -265,10 +271,15 @@ def _case(draw, family: str):
     plan = draw(plans(config.num_hidden_layers, config.num_attention_heads, n_kv, config.intermediate_size))
     seed, seq = draw(st.integers(0, 2**31 - 1)), draw(st.integers(3, 10))
     torch.manual_seed(seed)
-    return cls(config), plan, seed, seq
+    model = cls(config)
+    with torch.no_grad():  # norms start at ones; random ones show whether head surgery leaves them right
+        for name, module in model.named_modules():
+            if name.endswith(("q_norm", "k_norm")):
+                module.weight.uniform_(0.5, 1.5)
+    return model, plan, seed, seq
 
 
-@pytest.mark.parametrize("family", ["bert", "llama_mha", "llama_gqa", "llama_mqa", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", ["bert", "llama_mha", "llama_gqa", "llama_mqa", "qwen2", "qwen3", "mistral"])
 @PROPERTY
 @given(data=st.data())
 def test_surgery_matches_zeroed_reference(family, data):
@@ -413,7 +424,7 @@ def test_unsupported_model_lists_supported_families():
         apply_plan(model, PruningPlan(layers=[0]))
     message = str(info.value)
     assert "gpt2" in message and "supported" in message
-    for name in ("bert", "roberta", "llama", "mistral", "qwen2"):
+    for name in ("bert", "roberta", "llama", "mistral", "qwen2", "qwen3"):
         assert name in message
     assert all(torch.equal(v, snapshot[k]) for k, v in model.state_dict().items())
 
