@@ -71,16 +71,8 @@ def _check_fraction(fraction) -> None:
 
 
 def _head_params(adapter, block) -> tuple[int, int]:
-    """Parameters of one query head (q rows + o columns) and of one KV head (k and v rows)."""
-    q, k, _ = adapter.qkv(block)
-    d = adapter._head_dim(adapter.attention(block))
-    return d * (q.in_features + (q.bias is not None) + adapter.o_proj(block).out_features), \
-        2 * d * (k.in_features + (k.bias is not None))
-
-
-def _neuron_params(adapter, block) -> int:
-    return sum(lin.in_features + (lin.bias is not None) for lin in adapter.mlp_in(block)) \
-        + adapter.mlp_out(block).out_features
+    """Parameters of one query head and of one KV head."""
+    return adapter.unit_parameters(block, "query_head"), adapter.unit_parameters(block, "kv_head")
 
 
 def _set_error(inv: torch.Tensor, w: torch.Tensor, cols: torch.Tensor, tokens: int) -> float:
@@ -162,7 +154,7 @@ def sensitivity(model: nn.Module, calib, *, max_neuron_fraction: float = 0.75, r
             layers.append(LayerSensitivity(
                 layer=i, params=sum(p.numel() for p in block.parameters()), block_error=block_error,
                 head_states=_head_states(adapter, block, grams[o], ridge), neuron_order=order,
-                neuron_errors=errors, neuron_params=_neuron_params(adapter, block)))
+                neuron_errors=errors, neuron_params=adapter.unit_parameters(block, "neuron")))
             stream.hidden = outputs
     return Sensitivity(layers, tokens=tokens, ridge=ridge)
 
@@ -184,7 +176,7 @@ def _max_removable(adapter, block, align: int, min_heads: int, min_neurons: int,
         n = adapter.intermediate_size(block)
         widths = [n - r for r in range(1, int(max_neuron_fraction * n) + 1)
                   if (n - r) >= min_neurons and (n - r) % align == 0]
-        most += (n - min(widths)) * _neuron_params(adapter, block) if widths else 0
+        most += (n - min(widths)) * adapter.unit_parameters(block, "neuron") if widths else 0
     return most
 
 

@@ -149,3 +149,25 @@ def _check_indices(name: str, layer: int | None, indices: list[int], size: int, 
     dupes = sorted(i for i, n in Counter(indices).items() if n > 1)
     if dupes:
         raise ValueError(f"{name}: {where}duplicate {what} index {dupes}")
+
+
+def parameters_removed(model: nn.Module, plan: PruningPlan) -> int:
+    """How many parameters ``surgery.apply_plan`` will remove, from the plan's arithmetic alone.
+
+    Each query head, KV head and neuron removes what its family's map says one unit owns
+    (``FamilyAdapter.unit_parameters``: q rows and o columns; k and v rows; one row of each MLP
+    input projection and one output column); a layer removes everything in its block. Tests
+    check surgery against this independent count.
+    """
+    plan.validate(model)
+    adapter = adapter_for(model)
+    blocks = adapter.blocks(model)
+    removed = sum(sum(p.numel() for p in blocks[i].parameters()) for i in plan.layers)
+    for layer in sorted(set(plan.heads) | set(plan.kv_groups)):
+        block = blocks[layer]
+        q_keep, kv_keep = plan.kept_heads(model, layer)
+        removed += (adapter.num_heads(block) - len(q_keep)) * adapter.unit_parameters(block, "query_head")
+        removed += (adapter.num_kv_heads(block) - len(kv_keep)) * adapter.unit_parameters(block, "kv_head")
+    for layer, neurons in plan.neurons.items():
+        removed += len(neurons) * adapter.unit_parameters(blocks[layer], "neuron")
+    return removed

@@ -19,6 +19,9 @@ heads, KV groups and MLP. Importance, selection and surgery talk to adapters, ne
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from transformers import (
@@ -87,55 +90,115 @@ def head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
 
 
-class FamilyAdapter:
-    """Uniform access to one architecture family's blocks. Subclasses name the attributes."""
+@dataclass(frozen=True)
+class Cut:
+    """One projection a structure owns a slice of: ``path`` inside the block, along ``dim``.
 
-    name: str = ""
-    model_types: tuple[str, ...] = ()
+    ``dim=0`` takes output rows (and their bias entries); ``dim=1`` takes input columns, and that
+    projection is the structure's *consumer* (the one reconstruction refits).
+    """
+
+    path: str
+    dim: int
+
+
+@dataclass(frozen=True)
+class Structure:
+    """A removable unit: the slices it owns, each ``width`` indices wide (``"head"``: head_dim; ``1``)."""
+
+    cuts: tuple[Cut, ...]
+    width: str | int = 1
+
+    def inputs(self) -> tuple[Cut, ...]:
+        return tuple(c for c in self.cuts if c.dim == 0)
+
+    def consumer(self) -> Cut | None:
+        return next((c for c in self.cuts if c.dim == 1), None)
+
+
+def _get(root: nn.Module, path: str):
+    for name in path.split("."):
+        root = getattr(root, name)
+    return root
+
+
+def _set(root: nn.Module, path: str, value) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(_get(root, parent) if parent else root, name, value)
+
+
+@dataclass(frozen=True)
+class FamilyAdapter:
+    """One architecture family, described as data: where its blocks are and what each structure owns.
+
+    ``query_head``, ``kv_head`` and ``neuron`` list the coupled slices (parameter, dimension, index
+    rule) of one unit; surgery, parameter counts (``unit_parameters``), weight scores and
+    reconstruction all read them from here. ``head_counts`` names the attention attributes that
+    follow a change of head counts, as functions of ``(n_q, n_kv, head_dim)``; ``neuron_count``
+    the MLP attribute that follows a change of width, if any. Supporting a new family is one more
+    instance of this class.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    blocks_path: str
+    attention_path: str
+    head_dim_attr: str
+    query_head: Structure
+    kv_head: Structure
+    neuron: Structure
+    mlp_path: str
+    act_path: str
+    head_counts: tuple[tuple[str, Callable[[int, int, int], int]], ...]
+    neuron_count: str | None = None
+    pin_head_dim_in_config: bool = False
     gated_mlp: bool = False
 
     # ---- structure -------------------------------------------------------------------------
     def blocks(self, model: nn.Module) -> nn.ModuleList:
-        raise NotImplementedError
+        return _get(model, self.blocks_path)
 
     def attention(self, block: nn.Module) -> nn.Module:
         """The module that owns the q/k/v projections and the per-head attributes."""
-        raise NotImplementedError
+        return _get(block, self.attention_path)
 
     def qkv(self, block: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
-        raise NotImplementedError
+        (q,), (k, v) = self.query_head.inputs(), self.kv_head.inputs()
+        return _get(block, q.path), _get(block, k.path), _get(block, v.path)
 
     def o_proj(self, block: nn.Module) -> nn.Linear:
         """The projection whose input columns are the concatenated head outputs."""
-        raise NotImplementedError
+        return _get(block, self.query_head.consumer().path)
 
     def mlp_in(self, block: nn.Module) -> list[nn.Linear]:
         """Projections whose output rows are the intermediate neurons (gate first if gated)."""
-        raise NotImplementedError
+        return [_get(block, c.path) for c in self.neuron.inputs()]
 
     def mlp_out(self, block: nn.Module) -> nn.Linear:
-        raise NotImplementedError
+        return _get(block, self.neuron.consumer().path)
 
     def mlp_act(self, block: nn.Module) -> nn.Module:
-        raise NotImplementedError
+        return _get(block, self.act_path)
 
     def mlp_module(self, block: nn.Module) -> nn.Module:
         """The module whose forward input is the block's MLP input (for hooks)."""
-        raise NotImplementedError
+        return _get(block, self.mlp_path)
 
     def pin_head_dim(self, model: nn.Module) -> None:
-        """Record the head size in the config if the family would otherwise re-derive it.
+        """Record the head size in the config where the family would otherwise re-derive it.
 
-        BERT derives it from ``hidden_size / num_attention_heads``, and the config keeps the
-        unpruned head count, so nothing is needed there.
+        Llama's rotary embeddings and attention read ``config.head_dim``, else ``hidden_size //
+        num_attention_heads``; BERT derives it from the unpruned head count the config keeps.
         """
+        if self.pin_head_dim_in_config:
+            model.config.head_dim = self.head_dim(model)
 
     # ---- per-layer shapes --------------------------------------------------------------------
     def head_dim(self, model: nn.Module) -> int:
         return self._head_dim(self.attention(self.blocks(model)[0]))
 
     def _head_dim(self, attention: nn.Module) -> int:
-        raise NotImplementedError
+        return getattr(attention, self.head_dim_attr)
 
     def num_heads(self, block: nn.Module) -> int:
         q, _, _ = self.qkv(block)
@@ -147,6 +210,20 @@ class FamilyAdapter:
 
     def intermediate_size(self, block: nn.Module) -> int:
         return self.mlp_out(block).in_features
+
+    def unit_parameters(self, block: nn.Module, kind: str) -> int:
+        """Parameters one ``kind`` unit (``"query_head"``, ``"kv_head"``, ``"neuron"``) owns in ``block``.
+
+        A row slice owns the row and its bias entry; a column slice owns the column (the
+        consumer's bias belongs to no unit).
+        """
+        structure = getattr(self, kind)
+        width = self._head_dim(self.attention(block)) if structure.width == "head" else structure.width
+        per_index = 0
+        for cut in structure.cuts:
+            linear = _get(block, cut.path)
+            per_index += linear.in_features + (linear.bias is not None) if cut.dim == 0 else linear.out_features
+        return width * per_index
 
     def layer_shape(self, block: nn.Module) -> dict[str, int | bool]:
         """Everything ``narrow_to`` needs to rebuild the block: widths, and which consumers have a bias.
@@ -163,20 +240,24 @@ class FamilyAdapter:
         }
 
     # ---- narrowing (the only code that changes shapes) ---------------------------------------
+    def _keep(self, block: nn.Module, structure: Structure, index: torch.Tensor) -> None:
+        for cut in structure.cuts:
+            _set(block, cut.path, slice_linear(_get(block, cut.path), index, cut.dim))
+
     def keep_heads(self, block: nn.Module, q_heads: torch.Tensor, kv_heads: torch.Tensor) -> None:
         """Keep the listed query heads and KV heads of ``block``; the caller checks feasibility."""
         attention = self.attention(block)
         head_dim = self._head_dim(attention)
-        q_rows, kv_rows = head_rows(q_heads, head_dim), head_rows(kv_heads, head_dim)
-        q, k, v = self.qkv(block)
-        self._set_qkv(block, slice_linear(q, q_rows, 0), slice_linear(k, kv_rows, 0), slice_linear(v, kv_rows, 0))
-        self._set_o_proj(block, slice_linear(self.o_proj(block), q_rows, 1))
-        self._set_head_counts(attention, len(q_heads), len(kv_heads))
+        self._keep(block, self.query_head, head_rows(q_heads, head_dim))
+        self._keep(block, self.kv_head, head_rows(kv_heads, head_dim))
+        for attr, rule in self.head_counts:
+            setattr(attention, attr, rule(len(q_heads), len(kv_heads), head_dim))
 
     def keep_neurons(self, block: nn.Module, neurons: torch.Tensor) -> None:
         neurons = torch.as_tensor(neurons, dtype=torch.long)
-        self._set_mlp([slice_linear(lin, neurons, 0) for lin in self.mlp_in(block)],
-                      slice_linear(self.mlp_out(block), neurons, 1), block)
+        self._keep(block, self.neuron, neurons)
+        if self.neuron_count:
+            _set(block, self.neuron_count, len(neurons))
 
     def narrow_to(self, block: nn.Module, shape: dict[str, int]) -> None:
         """Give ``block`` the recorded shape by keeping the first heads and neurons.
@@ -190,26 +271,15 @@ class FamilyAdapter:
             if shape.get(key) and linear.bias is None:  # older checkpoints have no flag: no bias
                 add_bias(linear)
 
-    def _set_qkv(self, block, q, k, v) -> None:
-        raise NotImplementedError
-
-    def _set_o_proj(self, block, o) -> None:
-        raise NotImplementedError
-
-    def _set_mlp(self, ins: list[nn.Linear], out: nn.Linear, block) -> None:
-        raise NotImplementedError
-
-    def _set_head_counts(self, attention: nn.Module, n_heads: int, n_kv: int) -> None:
-        raise NotImplementedError
-
     # ---- layers ------------------------------------------------------------------------------
     def keep_layers(self, model: nn.Module, layers: list[int]) -> None:
         """Keep the listed blocks, re-index them, and shorten every per-layer config list."""
         blocks = self.blocks(model)
         kept = nn.ModuleList([blocks[i] for i in layers])
-        self._set_blocks(model, kept)
+        _set(model, self.blocks_path, kept)
         for new_idx, block in enumerate(kept):
-            self._reindex(block, new_idx)
+            # layer_idx is the KV-cache slot: stale values make generate() read another layer's cache.
+            self.attention(block).layer_idx = new_idx
         config = model.config
         config.num_hidden_layers = len(layers)
         if getattr(config, "layer_types", None) is not None:
@@ -217,137 +287,34 @@ class FamilyAdapter:
         if getattr(config, "layer_shapes", None) is not None:
             config.layer_shapes = [config.layer_shapes[i] for i in layers]
 
-    def _set_blocks(self, model, blocks: nn.ModuleList) -> None:
-        raise NotImplementedError
 
-    def _reindex(self, block, new_idx: int) -> None:
-        raise NotImplementedError
-
-
-class BertFamily(FamilyAdapter):
-    """BERT, RoBERTa, MiniLM: post-LN encoder blocks, one key/value head per query head."""
-
-    name = "bert"
-    model_types = ("bert", "roberta")
-
-    def blocks(self, model):
-        return model.base_model.encoder.layer
-
-    def _set_blocks(self, model, blocks):
-        model.base_model.encoder.layer = blocks
-
-    def attention(self, block):
-        return block.attention.self
-
-    def qkv(self, block):
-        a = block.attention.self
-        return a.query, a.key, a.value
-
-    def o_proj(self, block):
-        return block.attention.output.dense
-
-    def mlp_in(self, block):
-        return [block.intermediate.dense]
-
-    def mlp_out(self, block):
-        return block.output.dense
-
-    def mlp_act(self, block):
-        return block.intermediate.intermediate_act_fn
-
-    def mlp_module(self, block):
-        return block.intermediate
-
-    def _head_dim(self, attention):
-        return attention.attention_head_size
-
-    def _set_qkv(self, block, q, k, v):
-        a = block.attention.self
-        a.query, a.key, a.value = q, k, v
-
-    def _set_o_proj(self, block, o):
-        block.attention.output.dense = o
-
-    def _set_mlp(self, ins, out, block):
-        (block.intermediate.dense,) = ins
-        block.output.dense = out
-
-    def _set_head_counts(self, attention, n_heads, n_kv):
-        attention.num_attention_heads = n_heads
-        attention.all_head_size = n_heads * attention.attention_head_size
-
-    def _reindex(self, block, new_idx):
-        block.attention.self.layer_idx = new_idx
+_HEAD = "head"
+# BERT, RoBERTa, MiniLM: post-LN encoder blocks, one key/value head per query head.
+BertFamily = FamilyAdapter(
+    name="bert", model_types=("bert", "roberta"),
+    blocks_path="base_model.encoder.layer", attention_path="attention.self", head_dim_attr="attention_head_size",
+    query_head=Structure((Cut("attention.self.query", 0), Cut("attention.output.dense", 1)), _HEAD),
+    kv_head=Structure((Cut("attention.self.key", 0), Cut("attention.self.value", 0)), _HEAD),
+    neuron=Structure((Cut("intermediate.dense", 0), Cut("output.dense", 1))),
+    mlp_path="intermediate", act_path="intermediate.intermediate_act_fn",
+    head_counts=(("num_attention_heads", lambda n_q, n_kv, d: n_q), ("all_head_size", lambda n_q, n_kv, d: n_q * d)),
+)
+# Llama, Mistral, Qwen2 (biases on q/k/v), Qwen3, SmolLM2: pre-norm decoders with GQA/MQA/MHA.
+# Qwen3's q_norm / k_norm are RMSNorms over one head's head_dim, shared by every head, so they
+# own no slice. The attention kernels repeat each KV head num_key_value_groups times.
+LlamaFamily = FamilyAdapter(
+    name="llama", model_types=("llama", "mistral", "qwen2", "qwen3"),
+    blocks_path="base_model.layers", attention_path="self_attn", head_dim_attr="head_dim",
+    query_head=Structure((Cut("self_attn.q_proj", 0), Cut("self_attn.o_proj", 1)), _HEAD),
+    kv_head=Structure((Cut("self_attn.k_proj", 0), Cut("self_attn.v_proj", 0)), _HEAD),
+    neuron=Structure((Cut("mlp.gate_proj", 0), Cut("mlp.up_proj", 0), Cut("mlp.down_proj", 1))),
+    mlp_path="mlp", act_path="mlp.act_fn",
+    head_counts=(("num_key_value_groups", lambda n_q, n_kv, d: n_q // n_kv),),
+    neuron_count="mlp.intermediate_size", pin_head_dim_in_config=True, gated_mlp=True,
+)
 
 
-class LlamaFamily(FamilyAdapter):
-    """Llama, Mistral, Qwen2 (biases on q/k/v), Qwen3, SmolLM2: pre-norm decoders with GQA/MQA/MHA.
-
-    Qwen3's ``q_norm`` / ``k_norm`` are RMSNorms over one head's ``head_dim``, shared by every
-    head, so removing heads leaves them as they are.
-    """
-
-    name = "llama"
-    model_types = ("llama", "mistral", "qwen2", "qwen3")
-    gated_mlp = True
-
-    def blocks(self, model):
-        return model.base_model.layers
-
-    def _set_blocks(self, model, blocks):
-        model.base_model.layers = blocks
-
-    def attention(self, block):
-        return block.self_attn
-
-    def qkv(self, block):
-        a = block.self_attn
-        return a.q_proj, a.k_proj, a.v_proj
-
-    def o_proj(self, block):
-        return block.self_attn.o_proj
-
-    def mlp_in(self, block):
-        return [block.mlp.gate_proj, block.mlp.up_proj]
-
-    def mlp_out(self, block):
-        return block.mlp.down_proj
-
-    def mlp_act(self, block):
-        return block.mlp.act_fn
-
-    def mlp_module(self, block):
-        return block.mlp
-
-    def _head_dim(self, attention):
-        return attention.head_dim
-
-    def pin_head_dim(self, model):
-        # Rotary embeddings and attention read config.head_dim, else hidden_size // num_attention_heads.
-        model.config.head_dim = self.head_dim(model)
-
-    def _set_qkv(self, block, q, k, v):
-        a = block.self_attn
-        a.q_proj, a.k_proj, a.v_proj = q, k, v
-
-    def _set_o_proj(self, block, o):
-        block.self_attn.o_proj = o
-
-    def _set_mlp(self, ins, out, block):
-        block.mlp.gate_proj, block.mlp.up_proj = ins
-        block.mlp.down_proj = out
-        block.mlp.intermediate_size = out.in_features
-
-    def _set_head_counts(self, attention, n_heads, n_kv):
-        # The attention kernels repeat each KV head ``num_key_value_groups`` times.
-        attention.num_key_value_groups = n_heads // n_kv
-
-    def _reindex(self, block, new_idx):
-        # layer_idx is the KV-cache slot: stale values make generate() read another layer's cache.
-        block.self_attn.layer_idx = new_idx
-
-
-ADAPTERS: tuple[FamilyAdapter, ...] = (BertFamily(), LlamaFamily())
+ADAPTERS: tuple[FamilyAdapter, ...] = (BertFamily, LlamaFamily)
 
 
 def _base_model_type(config) -> str:

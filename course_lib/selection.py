@@ -67,7 +67,7 @@ Parameter budgets
 -----------------
 With ``budget="parameters"``, ``fraction`` is a fraction of the parameters of those structures
 (all heads' q/k/v/o parameters, or all MLP parameters of the neurons) and ``count`` a number of
-parameters. The per-structure cost follows ``surgery.parameters_removed``: a query head costs its q
+parameters. The per-structure cost follows ``plan.parameters_removed``: a query head costs its q
 rows (and bias) plus its o columns; a KV group that disappears adds its k and v rows; a neuron
 costs one row (and bias) of each input projection plus one output column. Rule: rank exactly as
 above and take the **largest number of structures whose selection removes no more parameters than
@@ -85,9 +85,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .plan import PruningPlan
+from .plan import PruningPlan, parameters_removed
 from .pruned_modeling import adapter_for
-from .surgery import parameters_removed
 
 __all__ = [
     "select_heads",
@@ -427,12 +426,9 @@ def selection_info(plan: PruningPlan) -> list[dict]:
 
 
 # ---- heads -------------------------------------------------------------------------------------
-def _head_costs(adapter, block, head_dim) -> tuple[int, int]:
-    """Parameters of one query head and of one KV head (as in ``surgery.parameters_removed``)."""
-    q, k, _ = adapter.qkv(block)
-    w_q = head_dim * (q.in_features + (q.bias is not None) + adapter.o_proj(block).out_features)
-    w_kv = 2 * head_dim * (k.in_features + (k.bias is not None))
-    return w_q, w_kv
+def _head_costs(adapter, block) -> tuple[int, int]:
+    """Parameters of one query head and of one KV head (as in ``plan.parameters_removed``)."""
+    return adapter.unit_parameters(block, "query_head"), adapter.unit_parameters(block, "kv_head")
 
 
 def select_heads(
@@ -484,7 +480,7 @@ def select_heads(
     width = [n_kv[i] if group_scores else n_q[i] for i in range(n_layers)]
     for i in range(n_layers):
         _check_finite(arr[i, : width[i]], f"layer {i}, {'group' if group_scores else 'head'}")
-    costs = [_head_costs(adapter, b, head_dim) for b in blocks]
+    costs = [_head_costs(adapter, b) for b in blocks]
 
     unit = "query heads" if granularity == "query" else "KV groups"
     if budget == "structures":
@@ -584,10 +580,7 @@ def select_neurons(
     values = _neuron_scores(scores, sizes)
     for i, v in enumerate(values):
         _check_finite(v, f"layer {i}, neuron")
-    per_neuron = []
-    for b in blocks:
-        per_neuron.append(sum(lin.in_features + (lin.bias is not None) for lin in adapter.mlp_in(b))
-                          + adapter.mlp_out(b).out_features)
+    per_neuron = [adapter.unit_parameters(b, "neuron") for b in blocks]
     total = sum(sizes) if budget == "structures" else sum(n * w for n, w in zip(sizes, per_neuron))
     requested = _requested(fraction, count, total, "neurons" if budget == "structures" else "neuron parameters")
 
@@ -734,7 +727,7 @@ def plan_summary(model: nn.Module, plan: PruningPlan) -> list[dict]:
 
     Keys: layer, removed, heads_before, heads_after, kv_before, kv_after, neurons_before,
     neurons_after, params_before, params_after (block parameters; counts match
-    ``surgery.parameters_removed``). Totals: ``format_summary``.
+    ``plan.parameters_removed``). Totals: ``format_summary``.
     """
     plan.validate(model)
     adapter = adapter_for(model)

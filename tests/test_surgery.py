@@ -218,8 +218,14 @@ def _inputs(seed: int, seq: int, left_pad: bool):
 
 
 def _max_abs_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
+    """Largest difference on real positions, in units of the outputs' scale once that exceeds 1.
+
+    Sliced and zeroed models sum the same terms in a different order, so float32 rounding grows
+    with the size of the outputs (hypothesis found logits near 10 differing by 1.2e-5).
+    """
     keep = mask.bool()  # padded query positions carry no meaning (and may be NaN under sdpa)
-    return (a[keep] - b[keep]).abs().max().item()
+    scale = max(1.0, b[keep].abs().max().item())
+    return (a[keep] - b[keep]).abs().max().item() / scale
 
 
 # ---- the property ------------------------------------------------------------------------------
