@@ -292,6 +292,32 @@ def _restore_hooks(snap: list) -> None:
             setattr(m, _CAPTURE_FLAG, flag)
 
 
+def real_token_inputs(model: nn.Module, modules: Sequence[nn.Module], batches: list[Batch], progress: bool,
+                      desc: str, fn: Callable[[int, torch.Tensor], None]) -> int:
+    """One forward pass over ``batches``; ``fn(i, x)`` receives ``modules[i]``'s input on the real tokens.
+
+    ``x`` is ``[real tokens, features]`` (padding dropped). The hook every activation statistic
+    uses (head output norms at ``o_proj``, neuron activations at ``down_proj``), inside a
+    ``scoring_session``. Returns the number of real tokens seen.
+    """
+    mask: list[torch.Tensor] = []
+
+    def make_hook(i):
+        def hook(module, args):
+            fn(i, args[0][mask[0]])
+
+        return hook
+
+    n_tokens = 0
+    with scoring_session(model) as handles, torch.no_grad():
+        handles.extend(m.register_forward_pre_hook(make_hook(i)) for i, m in enumerate(modules))
+        for batch in iterate(batches, model, progress, desc):
+            mask[:] = [token_mask(batch)]
+            n_tokens += int(mask[0].sum())
+            forward_base(model, batch)
+    return n_tokens
+
+
 def first_tensor(output) -> torch.Tensor:
     """A block's hidden states from its output (a tensor, or a tuple whose first item is one)."""
     return output[0] if isinstance(output, (tuple, list)) else output

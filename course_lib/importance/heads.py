@@ -39,13 +39,12 @@ from ..pruned_modeling import adapter_for
 from ._calibration import (
     LossFn,
     as_scalar,
-    forward_base,
     iterate,
     make_batches,
     pad_id,
+    real_token_inputs,
     resolve_loss_fn,
     scoring_session,
-    token_mask,
 )
 
 HEAD_METHODS = ("taylor", "magnitude", "output_norm", "mask_gradient")
@@ -145,24 +144,11 @@ def _magnitude(adapter, block, nq, nkv, d) -> torch.Tensor:
 
 def _output_norm(model, adapter, blocks, shapes, d, batches, progress) -> list[torch.Tensor]:
     sums = [torch.zeros(nq, dtype=torch.float64) for nq, _ in shapes]
-    state: dict = {}
 
-    def make_hook(layer, nq):
-        def hook(module, args):
-            x = args[0]
-            norms = x.reshape(*x.shape[:-1], nq, d).float().norm(dim=-1)  # [B, T, H]
-            sums[layer] += norms[state["mask"]].double().sum(0).cpu()
+    def add(layer, x):
+        sums[layer] += x.reshape(len(x), shapes[layer][0], d).float().norm(dim=-1).double().sum(0).cpu()
 
-        return hook
-
-    count = 0
-    with scoring_session(model) as handles, torch.no_grad():
-        for layer, (block, (nq, _)) in enumerate(zip(blocks, shapes)):
-            handles.append(adapter.o_proj(block).register_forward_pre_hook(make_hook(layer, nq)))
-        for batch in iterate(batches, model, progress, "head output_norm"):
-            state["mask"] = token_mask(batch)
-            count += int(state["mask"].sum())
-            forward_base(model, batch)
+    count = real_token_inputs(model, [adapter.o_proj(b) for b in blocks], batches, progress, "head output_norm", add)
     return [s / count for s in sums]
 
 

@@ -38,13 +38,12 @@ from ..pruned_modeling import adapter_for
 from ._calibration import (
     LossFn,
     as_scalar,
-    forward_base,
     iterate,
     make_batches,
     pad_id,
+    real_token_inputs,
     resolve_loss_fn,
     scoring_session,
-    token_mask,
 )
 
 NEURON_METHODS = ("activation_frequency", "magnitude", "wanda", "taylor")
@@ -111,24 +110,13 @@ def _magnitude(adapter, block) -> torch.Tensor:
 def _activation_stats(model, adapter, blocks, batches, eps, progress, method):
     counts = [torch.zeros(adapter.intermediate_size(b), dtype=torch.float64) for b in blocks]
     sumsq = [torch.zeros_like(c) for c in counts]
-    state: dict = {}
 
-    def make_hook(layer):
-        def hook(module, args):
-            x = args[0][state["mask"]]  # [tokens, I]: the real tokens only
-            counts[layer] += (x.abs() > eps).sum(0).double().cpu()
-            sumsq[layer] += x.double().pow(2).sum(0).cpu()
+    def add(layer, x):  # x: [real tokens, I]
+        counts[layer] += (x.abs() > eps).sum(0).double().cpu()
+        sumsq[layer] += x.double().pow(2).sum(0).cpu()
 
-        return hook
-
-    n_tokens = 0
-    with scoring_session(model) as handles, torch.no_grad():
-        for layer, block in enumerate(blocks):
-            handles.append(adapter.mlp_out(block).register_forward_pre_hook(make_hook(layer)))
-        for batch in iterate(batches, model, progress, f"neuron {method}"):
-            state["mask"] = token_mask(batch)
-            n_tokens += int(state["mask"].sum())
-            forward_base(model, batch)
+    n_tokens = real_token_inputs(model, [adapter.mlp_out(b) for b in blocks], batches, progress, f"neuron {method}",
+                                 add)
     return counts, sumsq, n_tokens
 
 
