@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 INSTALLED := $(VENV)/.installed
 
-.PHONY: setup fetch demo test lint clean-cache
+.PHONY: setup fetch demo test bench-extras clean-cache
 
 $(INSTALLED): requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: fetch
 
 test: fetch
 	$(PY) -m pytest -q
+
+# Baselines the benchmarks compare against, kept out of the course's own environment pins.
+bench-extras: setup
+	$(PIP) install --no-deps -r benchmarks/requirements-extras.txt
 
 clean-cache:
 	rm -rf data/cache

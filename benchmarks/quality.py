@@ -13,9 +13,10 @@ Protocol (``shared/reference/quality-anchors.md``), everything in one process:
 * MiniLM sentiment classifier (the ci profile's fine-tuned baseline): accuracy on the whole test
   split (1,057 snippets); calibration 256 examples of the train split.
 
-Rows: dense; ShortGPT (the n lowest block-influence layers, protect 2 + 2); Gromov et al. (the best
-n-block span by angular distance); the pipeline's old explicit path (one global Wanda ranking of
-neurons); the planner (``budget.plan_for_budget``) with and without reconstruction.
+Rows: dense; the pipeline's explicit path at 26.7% of the neurons, as it was (one global ranking of
+raw Wanda scores) and as it is now (scores over their layer's median, then reconstruction);
+ShortGPT (the n lowest block-influence layers, protect 2 + 2); Gromov et al. (the best n-block span
+by angular distance); the planner (``budget.plan_for_budget``) with and without reconstruction.
 """
 
 from __future__ import annotations
@@ -87,13 +88,21 @@ def decoder(results: list) -> None:
     start = time.perf_counter()
     sens = sensitivity(model, calib, progress=False)
     print(f"sensitivity pass: {time.perf_counter() - start:.0f} s", flush=True)
-    # the old explicit path: 26.7% of the neurons (= 20% of block parameters), one global Wanda ranking
+    # the explicit path at 26.7% of the neurons (= 20% of block parameters), protect 1 + 1 as the pipeline:
+    # before (one global ranking of raw Wanda scores, no refit) and now (layer-normalised, refitted)
     start = time.perf_counter()
-    old = selection.select_neurons(model, importance.neuron_scores(model, calib, "wanda", progress=False),
-                                   count=12_288, protect_first=1, protect_last=1)
+    wanda = importance.neuron_scores(model, calib, "wanda", progress=False)
+    old = selection.select_neurons(model, wanda, count=12_288, protect_first=1, protect_last=1)
     pruned = apply_plan(copy.deepcopy(model), old)
-    results.append(_row("old explicit path: 26.7% neurons, global Wanda", model, old, ppl(pruned), dense,
+    results.append(_row("SmolLM2 old explicit path: raw Wanda, global", model, old, ppl(pruned), dense,
                         block_params, time.perf_counter() - start, False))
+    start = time.perf_counter()
+    new = selection.select_neurons(model, selection.layer_normalised(wanda), count=12_288, protect_first=1,
+                                   protect_last=1)
+    pruned = copy.deepcopy(model)
+    prune_and_reconstruct(pruned, new, calib, progress=False)
+    results.append(_row("SmolLM2 explicit path now: Wanda / layer median + reconstruction", model, new, ppl(pruned),
+                        dense, block_params, time.perf_counter() - start, False))
     for n_layers, fraction in ((6, 0.2), (9, 0.3)):
         for name, build, rebuild in _variants(model, calib, n_layers, fraction, sens, {}):
             start = time.perf_counter()

@@ -5,8 +5,8 @@ inputs as the *current* model produces them, and they change block ``i`` before 
 runs. ``BlockStream`` holds the residual stream entering one block for every calibration batch,
 together with the keyword arguments the backbone passes its blocks (attention mask, rotary
 position embeddings, ...), captured once from a real forward pass so that no family's internals
-are rebuilt here. ``advance`` runs one block on it; ``capture_inputs`` runs a block while a hook
-hands a module's inputs to a callback.
+are rebuilt here. ``advance`` runs one block on it; ``capture_inputs`` runs a block up to one of
+its modules and hands that module's inputs to a callback.
 """
 
 from __future__ import annotations
@@ -82,23 +82,26 @@ class BlockStream:
 
 
 def capture_inputs(block: nn.Module, module: nn.Module, stream: BlockStream,
-                   callback: Callable[[torch.Tensor, int], None]) -> list[torch.Tensor]:
-    """Run ``block`` on every batch of ``stream``; ``callback(input, batch_index)`` sees ``module``'s input.
+                   callback: Callable[[torch.Tensor, int], None]) -> None:
+    """Run ``block`` on every batch of ``stream`` until ``module``; ``callback(input, batch_index)`` sees its input.
 
-    Returns the block's outputs (so a caller that also needs them runs the block once).
+    The rest of the block is not computed (the hook stops the forward pass), so capturing the
+    attention output projection's inputs costs the attention alone.
     """
     current = [0]
 
     def hook(mod, args):
         callback(args[0].detach(), current[0])
+        raise _Captured
 
     handle = module.register_forward_pre_hook(hook)
-    outputs = []
     try:
         with torch.no_grad():
             for b, (h, kw) in enumerate(zip(stream.hidden, stream.kwargs)):
                 current[0] = b
-                outputs.append(first_tensor(block(h, **kw)))
+                try:
+                    block(h, **kw)
+                except _Captured:
+                    pass
     finally:
         handle.remove()
-    return outputs

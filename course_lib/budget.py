@@ -272,12 +272,23 @@ def plan_for_budget(model: nn.Module, calib=None, *, fraction: float, protect_fi
         neurons={i: o["neurons"] for i, o in enumerate(picked) if o["neurons"]},
         layers=[i for i, o in enumerate(picked) if o["remove"]])
     plan.validate(model)
-    plan._selection = [{"kind": "plan_for_budget", "unit": "parameters", "budget": "parameters",
-                        "requested": target, "achieved": sum(o["params"] for o in picked),
-                        "rule": "least predicted error reaching the budget",
-                        "layers": [{"layer": i, "params": o["params"], "predicted_error": o["error"]}
-                                   for i, o in enumerate(picked)]}]
+    plan.selection_info = [{"kind": "plan_for_budget", "unit": "parameters", "budget": "parameters",
+                            "requested": target, "achieved": sum(o["params"] for o in picked),
+                            "rule": "least predicted error reaching the budget",
+                            "layers": [{"layer": i, "params": o["params"], "predicted_error": o["error"],
+                                        "why": _why(o, protected[i])} for i, o in enumerate(picked)]}]
     return plan
+
+
+def _why(option: dict, protected: bool) -> str:
+    """One line on the choice made for a layer, for the plan summary."""
+    if protected:
+        return "protected"
+    if option["remove"]:
+        return "whole block: cheaper than any width cut of the same size"
+    if not option["params"]:
+        return "kept whole: the least-error plan found no cut here worth its cost"
+    return "cheapest cut per parameter for its share of the budget"
 
 
 def _cover(options: list[list[dict]], target: int) -> list[int] | None:

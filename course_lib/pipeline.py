@@ -139,7 +139,8 @@ def _alignment(config: PruningConfig) -> dict:
 def _applier(model: nn.Module, plan_calib, config: PruningConfig, applied: list):
     """``apply(kind, plan)``: surgery (with reconstruction unless switched off), recorded in ``applied``."""
     def apply(kind: str, plan: PruningPlan) -> None:
-        entry = {"kind": kind, "plan": plan.to_dict(), "selection": selection.selection_info(plan)}
+        entry = {"kind": kind, "plan": plan.to_dict(), "selection": selection.selection_info(plan),
+                 "summary": selection.format_summary(selection.plan_summary(model, plan), plan)}
         if config.reconstruct:
             report = prune_and_reconstruct(model, plan, plan_calib, progress=False)
             entry["reconstruction"] = report.rows
@@ -242,6 +243,8 @@ def run(config: PruningConfig, out_dir: str | Path, progress: bool = True, task=
         model.save_pretrained(staged)
         task.tokenizer.save_pretrained(staged)
     (out / "plan.json").write_text(json.dumps(plans, indent=2))
+    (out / "plan.txt").write_text("\n\n".join(f"step {p['step']}, {a['kind']}:\n{a['summary']}"
+                                               for p in plans for a in p["applied"]) + "\n")
     for name in config.quantize:
         history.append(_quantized(name, model, task, config, calib, out))
     _write_report(config, task.quality_name, history, out)
@@ -289,7 +292,8 @@ def _write_report(config: PruningConfig, quality_name: str, history: list[Stage]
     notes = [f"- {s.stage}: {s.extra['note']}" for s in history if "note" in s.extra]
     if notes:
         lines += ["", *notes]
-    lines += ["", "Plan per step: `plan.json`. Pruned model (before quantization): `model/`, "
+    lines += ["", "Plan per step: `plan.txt` (per layer: what was removed and, for the budget planner, its "
+              "predicted error), `plan.json` (the same as data). Pruned model (before quantization): `model/`, "
               "load with `AutoModelForCausalLM.from_pretrained('model')` after `import course_lib`, "
               "or with `trust_remote_code=True`."]
     if "awq" in config.quantize:

@@ -152,8 +152,8 @@ def removal_path(linear: nn.Linear, gram: Gram, unit: int, max_units: int, *, st
         block = inv[idx][:, idx]
         solve = torch.linalg.solve(block, inv[idx])  # [s, n + 1]
         total += float(torch.trace(w[:, idx] @ torch.linalg.solve(block, w[:, idx].T)))
-        w = w - w[:, idx] @ solve
-        inv = inv - inv[:, idx] @ solve
+        w.addmm_(w[:, idx], solve, alpha=-1)  # in place: the 1,537^2 inverse is rewritten every step
+        inv.addmm_(inv[:, idx], solve, alpha=-1)
         alive[take] = False
         for u in take.tolist():
             order.append(u)

@@ -780,6 +780,10 @@ def format_summary(rows: list[dict], plan: PruningPlan | None = None) -> str:
     if before:
         lines.append(f"block parameters removed: {before - after:,} of {before:,} ({(before - after) / before:.1%})")
     for info in selection_info(plan) if plan is not None else []:
+        for row in info.get("layers", []):  # the budget planner says why, per layer
+            if row["params"] or row["why"] != "protected":
+                lines.append(f"layer {row['layer']:>3}: {row['params']:>10,} parameters, predicted error "
+                             f"{row['predicted_error']:.2e} ({row['why']})")
         lines.append(f"{info['kind']}: requested {info['requested']:,} "
                      f"{info['unit'] if info['budget'] == 'structures' else 'parameters'}, "
                      f"achieved {info['achieved']:,} {info['unit']}"

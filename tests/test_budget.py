@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -36,7 +37,7 @@ def test_budget_is_reached_with_aligned_widths_and_protected_ends(measured, frac
     total = block_params(model)
     removed = parameters_removed(model, plan)
     assert removed >= fraction * total
-    info = plan._selection[0]
+    info = plan.selection_info[0]
     assert info["achieved"] == removed and info["requested"] == math.ceil(fraction * total)
     assert 0 not in plan.neurons and 3 not in plan.neurons and 0 not in plan.heads and 3 not in plan.layers
     for layer, neurons in plan.neurons.items():
@@ -123,3 +124,15 @@ def test_sensitivity_does_not_change_the_model():
     sensitivity(model, calib(), progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+def test_plan_summary_says_per_layer_what_and_why(measured):
+    from course_lib.selection import format_summary, plan_summary
+
+    model, sens = measured
+    plan = plan_for_budget(model, fraction=0.25, sens=sens, multiple=8)
+    text = format_summary(plan_summary(model, plan), plan)
+    pruned = [i for i in range(4) if i in plan.layers or i in plan.neurons or i in plan.heads or i in plan.kv_groups]
+    for i in pruned:
+        assert re.search(rf"layer +{i}: +[\d,]+ parameters, predicted error [\d.e+-]+ \(", text), text
+    assert "plan_for_budget: requested" in text

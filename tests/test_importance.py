@@ -461,3 +461,35 @@ def test_rank_correlation():
     assert math.isnan(rank_correlation([1, 1, 1], [1, 2, 3]))
     with pytest.raises(ValueError):
         rank_correlation([1, 2], [1, 2, 3])
+
+
+def test_fluctuation_ignores_a_constant_neuron_that_wanda_counts():
+    """FLAP's point: a neuron whose output never varies is replaceable by a bias."""
+    from tiny import calib, tiny_bert
+
+    model = tiny_bert()
+    dense = model.encoder.layer[0].intermediate.dense
+    with torch.no_grad():
+        dense.weight[5] = 0
+        dense.bias[5] = 3.0  # gelu(3) on every token
+    ids = [{"input_ids": calib(n=4)}]
+    flap = neuron_scores(model, ids, "fluctuation", progress=False)[0]
+    wanda = neuron_scores(model, ids, "wanda", progress=False)[0]
+    assert flap[5] < 1e-6 * flap.median() and wanda[5] > wanda.median()
+
+
+def test_obs_score_is_the_refit_error_of_removing_the_neuron_alone():
+    from tiny import calib, tiny_llama
+
+    from course_lib._hooks import BlockStream, capture_inputs
+    from course_lib.reconstruction import Gram, removal_error
+
+    model, ids = tiny_llama(), calib()
+    scores = neuron_scores(model, ids, "obs", progress=False)
+    block = model.model.layers[0]
+    stream = BlockStream.capture(model, ids)
+    gram, weights = Gram(24), stream.weights()
+    capture_inputs(block, block.mlp.down_proj, stream, lambda x, b: gram.add(x, weights[b]))
+    for n in (0, 7, 23):
+        assert float(scores[0][n]) == pytest.approx(removal_error(block.mlp.down_proj, gram, torch.tensor([n])),
+                                                    rel=1e-5)

@@ -125,6 +125,8 @@ def test_budget_pipeline_removes_the_share_of_block_parameters(tmp_path, reconst
     plans = json.loads((tmp_path / "plan.json").read_text())
     assert [a["kind"] for p in plans for a in p["applied"]] == ["budget", "budget"]
     assert all(("reconstruction" in a) == reconstruct for p in plans for a in p["applied"])
+    summary = (tmp_path / "plan.txt").read_text()
+    assert summary.count("plan_for_budget: requested") == 2 and "predicted error" in summary
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     blocks = lambda m: sum(p.numel() for b in m.model.layers for p in b.parameters())  # noqa: E731
     biases = sum(b.numel() for layer in saved.model.layers for b in (layer.self_attn.o_proj.bias,

@@ -24,7 +24,19 @@ activation ``X_n`` is the input of the output projection: ``act(gate x) * up x``
     ``sum |dL/dw * w|`` over the neuron's parameters (as above; the output bias is shared and not
     counted), absolute value per batch, summed over batches.
 
-All data-driven statistics are streaming: a forward pre-hook on the output projection reduces the
+``"fluctuation"``
+    FLAP (An et al. 2024): ``Var_t(X_n) * ||W_out[:, n]||^2``, the variance of the neuron's
+    activation over real tokens times its output column's squared norm: what the neuron adds to
+    the output *beyond its mean*, which a bias can take over once it is gone (reconstruction
+    fits that bias).
+``"obs"``
+    Optimal brain surgeon, structured: the least-squares error left in the MLP output when the
+    neuron alone is removed and the others are refitted, ``||W_out[:, n]||^2 / [G^-1]_nn`` with
+    ``G`` the (token-weighted, ridge-damped) Gram matrix of the activations, as in
+    ``course_lib.reconstruction``. The budget planner's own currency, so it is comparable across
+    layers; computed block by block (one Gram matrix in memory at a time).
+
+All data-driven statistics except ``"obs"`` are streaming: a forward pre-hook on the output projection reduces the
 current batch's activations to per-neuron running sums at once. Scores are float32 (accumulated
 in float64); the model is never changed.
 """
@@ -33,6 +45,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..pruned_modeling import adapter_for
 from ._calibration import (
@@ -46,7 +59,7 @@ from ._calibration import (
     scoring_session,
 )
 
-NEURON_METHODS = ("activation_frequency", "magnitude", "wanda", "taylor")
+NEURON_METHODS = ("activation_frequency", "magnitude", "wanda", "taylor", "fluctuation", "obs")
 DEFAULT_EPS = 1e-2
 
 
@@ -72,13 +85,39 @@ def neuron_scores(
     batches = make_batches(calib, batch_size, pad_id(model))
     if method == "taylor":
         return _taylor(model, adapter, blocks, batches, resolve_loss_fn(model, loss_fn, batches), progress)
-    counts, sumsq, n_tokens = _activation_stats(model, adapter, blocks, batches, eps, progress, method)
+    if method == "obs":
+        return _obs(model, calib, batch_size, progress)
+    counts, sums, sumsq, n_tokens = _activation_stats(model, adapter, blocks, batches, eps, progress, method)
     if method == "activation_frequency":
         return [(c / n_tokens).float() for c in counts]
     out = []
-    for block, s in zip(blocks, sumsq):
-        w_out = adapter.mlp_out(block).weight.detach().double().abs().sum(0).cpu()
-        out.append((w_out * s.sqrt()).float())
+    for block, total, s in zip(blocks, sums, sumsq):
+        w_out = adapter.mlp_out(block).weight.detach().double().cpu()
+        if method == "wanda":
+            out.append((w_out.abs().sum(0) * s.sqrt()).float())
+        else:  # fluctuation: sample variance of the activation times the column's squared norm
+            variance = (s - total**2 / n_tokens) / max(n_tokens - 1, 1)
+            out.append((variance.clamp_min(0) * w_out.pow(2).sum(0)).float())
+    return out
+
+
+def _obs(model, calib, batch_size: int, progress: bool) -> list[torch.Tensor]:
+    from .._hooks import BlockStream, capture_inputs
+    from ..reconstruction import DEFAULT_RIDGE, Gram, augmented_weight
+
+    adapter = adapter_for(model)
+    blocks = adapter.blocks(model)
+    out = []
+    with scoring_session(model), torch.no_grad():
+        stream = BlockStream.capture(model, calib, batch_size=batch_size)
+        for block in tqdm(blocks, desc="neuron obs", disable=not progress, leave=False, unit="block"):
+            linear = adapter.mlp_out(block)
+            gram, weights = Gram(linear.in_features, linear.weight.device), stream.weights()
+            capture_inputs(block, linear, stream, lambda x, b: gram.add(x, weights[b]))
+            inv = torch.linalg.inv(gram.damped(DEFAULT_RIDGE))
+            w = augmented_weight(linear)[:, :-1]
+            out.append((w.pow(2).sum(0) / torch.diagonal(inv)[:-1] / max(gram.tokens, 1)).float().cpu())
+            stream.advance(block)
     return out
 
 
@@ -109,15 +148,17 @@ def _magnitude(adapter, block) -> torch.Tensor:
 
 def _activation_stats(model, adapter, blocks, batches, eps, progress, method):
     counts = [torch.zeros(adapter.intermediate_size(b), dtype=torch.float64) for b in blocks]
+    sums = [torch.zeros_like(c) for c in counts]
     sumsq = [torch.zeros_like(c) for c in counts]
 
     def add(layer, x):  # x: [real tokens, I]
         counts[layer] += (x.abs() > eps).sum(0).double().cpu()
+        sums[layer] += x.double().sum(0).cpu()
         sumsq[layer] += x.double().pow(2).sum(0).cpu()
 
     n_tokens = real_token_inputs(model, [adapter.mlp_out(b) for b in blocks], batches, progress, f"neuron {method}",
                                  add)
-    return counts, sumsq, n_tokens
+    return counts, sums, sumsq, n_tokens
 
 
 def _taylor(model, adapter, blocks, batches, loss_fn, progress) -> list[torch.Tensor]:
