@@ -26,10 +26,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import protocol  # noqa: E402
 import torch  # noqa: E402
 
-from course_lib import data, importance, zoo  # noqa: E402
-from course_lib.evaluate import perplexity  # noqa: E402
+from course_lib import importance, zoo  # noqa: E402
 from course_lib.plan import PruningPlan  # noqa: E402
 from course_lib.reconstruction import prune_and_reconstruct  # noqa: E402
 from course_lib.surgery import apply_plan  # noqa: E402
@@ -43,11 +43,10 @@ def main() -> int:
     parser.add_argument("--json", default="reports/neuron_scores.json")
     args = parser.parse_args()
     model, tok = zoo.load_decoder()
-    ids = tok(data.prose_text("test"), return_tensors="pt", verbose=False).input_ids[0][: 64 * 512 + 1]
-    calib = data.calibration_batches(tok, 32, 256, seed=0)
+    ids, calib = protocol.held_out_ids(tok), protocol.calibration(tok)
 
     def ppl(m):
-        return perplexity(m, ids, context=512, stride=512)
+        return protocol.ppl(m, ids)
 
     dense = ppl(model)
     print(f"dense perplexity {dense:.2f}", flush=True)

@@ -33,11 +33,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import protocol  # noqa: E402
 import torch  # noqa: E402
 
 from course_lib import data, importance, selection, sentiment, zoo  # noqa: E402
 from course_lib.budget import plan_for_budget, sensitivity  # noqa: E402
-from course_lib.evaluate import perplexity  # noqa: E402
 from course_lib.pruned_modeling import adapter_for  # noqa: E402
 from course_lib.reconstruction import prune_and_reconstruct  # noqa: E402
 from course_lib.surgery import apply_plan, parameters_removed  # noqa: E402
@@ -75,11 +75,10 @@ def _variants(model, calib, budget_layers: int, fraction: float, sens, protect: 
 
 def decoder(results: list) -> None:
     model, tok = zoo.load_decoder()
-    ids = tok(data.prose_text("test"), return_tensors="pt", verbose=False).input_ids[0][: 64 * 512 + 1]
-    calib = data.calibration_batches(tok, 32, 256, seed=0)
+    ids, calib = protocol.held_out_ids(tok), protocol.calibration(tok)
 
     def ppl(m):
-        return perplexity(m, ids, context=512, stride=512)
+        return protocol.ppl(m, ids)
 
     adapter = adapter_for(model)
     block_params = sum(p.numel() for b in adapter.blocks(model) for p in b.parameters())

@@ -30,10 +30,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import protocol  # noqa: E402
 import torch  # noqa: E402
 
-from course_lib import data, zoo  # noqa: E402
-from course_lib.evaluate import perplexity  # noqa: E402
+from course_lib import zoo  # noqa: E402
 
 
 def block_params(model) -> int:
@@ -81,9 +81,9 @@ def main() -> int:
     model, tok = zoo.load_decoder()
     if not args.sdpa:
         model.config._attn_implementation = "eager"
-    ids = tok(data.prose_text("test"), return_tensors="pt", verbose=False).input_ids[0][: 64 * 512 + 1]
+    ids = protocol.held_out_ids(tok)
     dense_blocks = block_params(model)
-    dense = perplexity(model, ids, context=512, stride=512)
+    dense = protocol.ppl(model, ids)
     rows = [{"variant": "dense", "removed_fraction": 0.0, "perplexity": dense}]
     print(f"dense perplexity {dense:.2f}")
     for ratio in args.ratio:
@@ -94,7 +94,7 @@ def main() -> int:
             rows.append({"variant": f"torch-pruning ratio {ratio}", "error": f"{type(error).__name__}: {error}"})
             continue
         removed = 1 - block_params(pruned) / dense_blocks
-        ppl = perplexity(pruned, ids, context=512, stride=512)
+        ppl = protocol.ppl(pruned, ids)
         rows.append({"variant": f"torch-pruning ratio {ratio}", "removed_fraction": removed, "perplexity": ppl,
                      "hidden_size": pruned.config.hidden_size})
         print(f"ratio {ratio}: hidden {pruned.config.hidden_size}, decoder-layer parameters removed {removed:.1%}, "

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ._hooks import BlockStream
+from .importance._calibration import per_block
 from .plan import PruningPlan
 from .pruned_modeling import adapter_for
 from .reconstruction import DEFAULT_RIDGE, Gram, augmented_weight, removal_path
@@ -122,14 +123,9 @@ def sensitivity(model: nn.Module, calib, *, max_neuron_fraction: float = 0.75, r
     adapter = adapter_for(model)
     blocks = adapter.blocks(model)
     stream = BlockStream.capture(model, calib, batch_size=batch_size)
-    iterator = range(len(blocks))
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(iterator, desc="sensitivity", leave=False, unit="block")
     layers = []
     with torch.no_grad():
-        for i in iterator:
+        for i in per_block(range(len(blocks)), progress, "sensitivity"):
             block = blocks[i]
             o, out = adapter.o_proj(block), adapter.mlp_out(block)
             grams = {o: Gram(o.in_features, o.weight.device), out: Gram(out.in_features, out.weight.device)}

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ._hooks import BlockStream, capture_inputs
+from .importance._calibration import per_block
 from .plan import PruningPlan
 from .pruned_modeling import adapter_for, add_bias
 
@@ -205,14 +206,10 @@ def reconstruct(model: nn.Module, plan: PruningPlan, calib, *, ridge: float = DE
     adapter = adapter_for(model)
     blocks = adapter.blocks(model)
     stream = BlockStream.capture(model, calib, batch_size=batch_size)
-    layers = [i for i in range(len(blocks)) if i not in set(plan.layers)]
-    if progress:
-        from tqdm.auto import tqdm
-
-        layers = tqdm(layers, desc="reconstruct", leave=False, unit="block")
+    kept = [i for i in range(len(blocks)) if i not in set(plan.layers)]
     rows = []
     with torch.no_grad():
-        for i in layers:
+        for i in per_block(kept, progress, "reconstruct"):
             block = blocks[i]
             for name, linear, keep in _consumers(adapter, model, block, plan, i):
                 gram = Gram(linear.in_features, linear.weight.device)

@@ -151,6 +151,16 @@ def prune_and_save(name, model, plan, auto, output, input_ids, attention_mask, r
     return Saved(name, model, dense_params, removed, auto, output, input_ids, attention_mask, root, **gen)
 
 
+def reconstruct_and_save(name, model, plan, seed, root) -> Saved:
+    """``prune_and_save`` with reconstruction: refitted weights and biases the stock model lacks."""
+    model.eval()
+    dense = n_params(model)
+    calib = torch.randint(3, VOCAB, (4, 12), generator=torch.Generator().manual_seed(seed + 7))
+    prune_and_reconstruct(model, plan, calib, progress=False)
+    return Saved(name, model, dense, dense - n_params(model), "AutoModelForCausalLM", "logits",
+                 *_ids(seed, 2, 9, left_pad=True), root, new_tokens=5, pad_token_id=0)
+
+
 def check_directory(saved: Saved) -> dict:
     files = {p.name for p in saved.dir.iterdir()}
     assert {"model.safetensors", "config.json", "pruned_modeling.py"} <= files, files
@@ -253,22 +263,12 @@ def tiny(tmp_path_factory) -> dict[str, Saved]:
     saved["llama"] = prune_and_save("llama", model, plan, "AutoModelForCausalLM", "logits",
                                     *_ids(0, 2, 9, left_pad=True), root, new_tokens=5, pad_token_id=0)
     model, plan = _tiny_llama()  # the same plan with reconstruction: refitted weights and new biases
-    dense = n_params(model)
-    prune_and_reconstruct(model, plan, torch.randint(3, VOCAB, (4, 12), generator=torch.Generator().manual_seed(7)),
-                          progress=False)
-    saved["llama_reconstructed"] = Saved("llama_reconstructed", model, dense, dense - n_params(model),
-                                         "AutoModelForCausalLM", "logits", *_ids(0, 2, 9, left_pad=True), root,
-                                         new_tokens=5, pad_token_id=0)
+    saved["llama_reconstructed"] = reconstruct_and_save("llama_reconstructed", model, plan, 0, root)
     model, plan = _tiny_qwen2()
     saved["qwen2"] = prune_and_save("qwen2", model, plan, "AutoModelForCausalLM", "logits",
                                     *_ids(1, 2, 9, left_pad=True), root, new_tokens=5, pad_token_id=0)
     model, plan = _tiny_qwen3()  # reconstructed: its o_proj already has a bias (attention_bias=True)
-    dense = n_params(model)
-    prune_and_reconstruct(model, plan, torch.randint(3, VOCAB, (4, 12), generator=torch.Generator().manual_seed(8)),
-                          progress=False)
-    saved["qwen3_reconstructed"] = Saved("qwen3_reconstructed", model, dense, dense - n_params(model),
-                                         "AutoModelForCausalLM", "logits", *_ids(5, 2, 9, left_pad=True), root,
-                                         new_tokens=5, pad_token_id=0)
+    saved["qwen3_reconstructed"] = reconstruct_and_save("qwen3_reconstructed", model, plan, 5, root)
     model, plan = _tiny_bert(BertModel)
     saved["bert"] = prune_and_save("bert", model, plan, "AutoModel", "last_hidden_state",
                                    *_ids(2, 2, 10, left_pad=False), root)

@@ -134,6 +134,11 @@ def iterate(batches: list[Batch], model: nn.Module, progress: bool, desc: str) -
         yield {k: v.to(device) for k, v in batch.items()}
 
 
+def per_block(items, progress: bool, desc: str):
+    """``items`` (layers or blocks) behind a ``tqdm.auto`` bar when ``progress``."""
+    return tqdm(items, desc=desc, disable=not progress, leave=False, unit="block")
+
+
 def model_device(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")

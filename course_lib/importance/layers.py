@@ -43,6 +43,7 @@ from ._calibration import (
     make_batches,
     model_inputs,
     pad_id,
+    per_block,
     resolve_loss_fn,
     scoring_session,
     token_mask,
@@ -214,7 +215,7 @@ def layer_removal_oracle(
     out = torch.full((n_layers,), float("nan"), dtype=torch.float64)
     with scoring_session(model), torch.no_grad():
         base = evaluate(model)
-        for layer in _progress(chosen, progress, "layer removal oracle"):
+        for layer in per_block(chosen, progress, "layer removal oracle"):
             variant = _structural_copy(model)
             apply_plan(variant, PruningPlan(layers=[layer]))
             out[layer] = evaluate(variant) - base
@@ -230,12 +231,6 @@ def _structural_copy(model: nn.Module) -> nn.Module:
     """
     memo = {id(p): p for p in model.parameters()}
     return copy.deepcopy(model, memo)
-
-
-def _progress(items, progress, desc):
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, disable=not progress, leave=False, unit="layer")
 
 
 @torch.no_grad()

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..pruned_modeling import adapter_for
 from ._calibration import (
@@ -54,6 +53,7 @@ from ._calibration import (
     iterate,
     make_batches,
     pad_id,
+    per_block,
     real_token_inputs,
     resolve_loss_fn,
     scoring_session,
@@ -110,7 +110,7 @@ def _obs(model, calib, batch_size: int, progress: bool) -> list[torch.Tensor]:
     out = []
     with scoring_session(model), torch.no_grad():
         stream = BlockStream.capture(model, calib, batch_size=batch_size)
-        for block in tqdm(blocks, desc="neuron obs", disable=not progress, leave=False, unit="block"):
+        for block in per_block(blocks, progress, "neuron obs"):
             linear = adapter.mlp_out(block)
             gram, weights = Gram(linear.in_features, linear.weight.device), stream.weights()
             capture_inputs(block, linear, stream, lambda x, b: gram.add(x, weights[b]))
