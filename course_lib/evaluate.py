@@ -12,12 +12,14 @@ from tqdm.auto import tqdm
 def count_parameters(model: nn.Module) -> int:
     """Weights the model computes with, counted once each (tied embeddings are one tensor).
 
-    AWQ's packed linears keep their INT4 weights as int32 buffers, eight to a number, so
-    ``parameters()`` misses them: they count as the ``in_features x out_features`` they stand for,
-    which keeps a quantized model's count equal to its fp32 twin's.
+    AWQ's packed linears keep their INT4 weights as int32 buffers, eight to a number, and their
+    bias as an fp16 buffer, so ``parameters()`` misses both: they count as the ``in_features x
+    out_features`` (and bias) they stand for, which keeps a quantized model's count equal to its
+    fp32 twin's.
     """
     unique = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    packed = sum(m.in_features * m.out_features for m in model.modules() if hasattr(m, "qweight"))
+    packed = sum(m.in_features * m.out_features + (m.bias.numel() if getattr(m, "bias", None) is not None else 0)
+                 for m in model.modules() if hasattr(m, "qweight"))
     return unique + packed
 
 
