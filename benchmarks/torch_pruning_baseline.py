@@ -3,8 +3,9 @@
     make bench-extras                                   # installs torch-pruning==1.6.1 (--no-deps)
     .venv/bin/python benchmarks/torch_pruning_baseline.py --ratio 0.1 0.2
 
-Settings as in Torch-Pruning's ``examples/LLMs/prune_llm.py``: ``MetaPruner`` with
-``GroupNormImportance(p=2, group_reduction="mean")``, local (per-layer) pruning, ``pruning_ratio``
+Settings as in Torch-Pruning's ``examples/LLMs/prune_llm.py``: ``MetaPruner`` with the group L2
+norm importance (``GroupNormImportance`` in the example; ``GroupMagnitudeImportance(p=2,
+group_reduction="mean")`` in the 1.6.1 release), local (per-layer) pruning, ``pruning_ratio``
 applied to the hidden size and the MLP, ``head_pruning_ratio`` the same, query/KV head counts
 declared, head dimensions kept (RoPE), ``round_to=4``, the LM head ignored; afterwards the
 attention and MLP attributes are updated as the example does. No calibration and no
@@ -51,7 +52,7 @@ def prune(model, tokenizer, ratio: float):
         num_heads.update({attn.q_proj: cfg.num_attention_heads, attn.k_proj: cfg.num_key_value_heads,
                           attn.v_proj: cfg.num_key_value_heads})
     pruner = tp.pruner.MetaPruner(
-        model, example_inputs=inputs, importance=tp.importance.GroupNormImportance(p=2, group_reduction="mean"),
+        model, example_inputs=inputs, importance=tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean"),
         global_pruning=False, pruning_ratio=ratio, ignored_layers=[model.lm_head], num_heads=num_heads,
         prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=ratio, round_to=4)
     for group in pruner.step(interactive=True):
