@@ -37,8 +37,7 @@ import protocol  # noqa: E402
 import torch  # noqa: E402
 
 from course_lib import data, importance, selection, sentiment, zoo  # noqa: E402
-from course_lib.budget import plan_for_budget, sensitivity  # noqa: E402
-from course_lib.pruned_modeling import adapter_for  # noqa: E402
+from course_lib.budget import block_parameters, plan_for_budget, sensitivity  # noqa: E402
 from course_lib.reconstruction import prune_and_reconstruct  # noqa: E402
 from course_lib.surgery import apply_plan, parameters_removed  # noqa: E402
 
@@ -80,8 +79,7 @@ def decoder(results: list) -> None:
     def ppl(m):
         return protocol.ppl(m, ids)
 
-    adapter = adapter_for(model)
-    block_params = sum(p.numel() for b in adapter.blocks(model) for p in b.parameters())
+    block_params = block_parameters(model)
     dense = ppl(model)
     results.append(_row("SmolLM2 dense", model, None, dense, dense, block_params, 0, False))
     start = time.perf_counter()
@@ -127,8 +125,7 @@ def encoder(results: list) -> None:
     def acc(m):
         return sentiment.sentiment_accuracy(m, tok, limit=0)
 
-    adapter = adapter_for(model)
-    block_params = sum(p.numel() for b in adapter.blocks(model) for p in b.parameters())
+    block_params = block_parameters(model)
     dense = acc(model)
     results.append(_row("MiniLM dense", model, None, dense, dense, block_params, 0, True))
     sens = sensitivity(model, calib, progress=False)

@@ -35,10 +35,7 @@ import protocol  # noqa: E402
 import torch  # noqa: E402
 
 from course_lib import zoo  # noqa: E402
-
-
-def block_params(model) -> int:
-    return sum(p.numel() for layer in model.model.layers for p in layer.parameters())
+from course_lib.budget import block_parameters  # noqa: E402
 
 
 def prune(model, tokenizer, ratio: float):
@@ -83,7 +80,7 @@ def main() -> int:
     if not args.sdpa:
         model.config._attn_implementation = "eager"
     ids = protocol.held_out_ids(tok)
-    dense_blocks = block_params(model)
+    dense_blocks = block_parameters(model)
     dense = protocol.ppl(model, ids)
     rows = [{"variant": "dense", "removed_fraction": 0.0, "perplexity": dense}]
     print(f"dense perplexity {dense:.2f}")
@@ -94,7 +91,7 @@ def main() -> int:
             traceback.print_exc()
             rows.append({"variant": f"torch-pruning ratio {ratio}", "error": f"{type(error).__name__}: {error}"})
             continue
-        removed = 1 - block_params(pruned) / dense_blocks
+        removed = 1 - block_parameters(pruned) / dense_blocks
         ppl = protocol.ppl(pruned, ids)
         rows.append({"variant": f"torch-pruning ratio {ratio}", "removed_fraction": removed, "perplexity": ppl,
                      "hidden_size": pruned.config.hidden_size})

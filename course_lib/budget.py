@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -36,9 +36,9 @@ from ._hooks import BlockStream
 from .importance._calibration import per_block
 from .plan import PruningPlan
 from .pruned_modeling import adapter_for
-from .reconstruction import DEFAULT_RIDGE, Gram, augmented_weight, removal_path
+from .reconstruction import DEFAULT_RIDGE, Gram, augmented_weight, obs_cost, removal_path
 
-__all__ = ["LayerSensitivity", "Sensitivity", "sensitivity", "plan_for_budget"]
+__all__ = ["LayerSensitivity", "Sensitivity", "block_parameters", "sensitivity", "plan_for_budget"]
 
 
 @dataclass
@@ -56,14 +56,11 @@ class LayerSensitivity:
 
 @dataclass
 class Sensitivity:
+    """Every block's costs, as ``sensitivity`` measured them (on ``tokens`` tokens, damping ``ridge``)."""
+
     layers: list[LayerSensitivity]
     tokens: int
     ridge: float
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def block_params(self) -> int:
-        return sum(s.params for s in self.layers)
 
 
 def _check_fraction(fraction) -> None:
@@ -71,16 +68,9 @@ def _check_fraction(fraction) -> None:
         raise ValueError(f"fraction must be a number in (0, 1) (a share of the block parameters), got {fraction!r}")
 
 
-def _head_params(adapter, block) -> tuple[int, int]:
-    """Parameters of one query head and of one KV head."""
-    return adapter.unit_parameters(block, "query_head"), adapter.unit_parameters(block, "kv_head")
-
-
-def _set_error(inv: torch.Tensor, w: torch.Tensor, cols: torch.Tensor, tokens: int) -> float:
-    if len(cols) == 0:
-        return 0.0
-    ws = w[:, cols]
-    return float(torch.trace(ws @ torch.linalg.solve(inv[cols][:, cols], ws.T))) / max(tokens, 1)
+def block_parameters(model: nn.Module) -> int:
+    """Parameters of the transformer blocks: what ``fraction`` is a share of (no embeddings, no head)."""
+    return sum(p.numel() for block in adapter_for(model).blocks(model) for p in block.parameters())
 
 
 def _head_states(adapter, block, gram: Gram, ridge: float) -> list[dict]:
@@ -94,20 +84,21 @@ def _head_states(adapter, block, gram: Gram, ridge: float) -> list[dict]:
     size = n_q // n_kv
     inv = torch.linalg.inv(gram.damped(ridge))
     w = augmented_weight(adapter.o_proj(block))
+    per_token = max(gram.tokens, 1)
     cols = [torch.arange(h * d, (h + 1) * d) for h in range(n_q)]
-    single = [_set_error(inv, w, c, gram.tokens) for c in cols]
-    w_q, w_kv = _head_params(adapter, block)
+    single = [obs_cost(inv, w, c) for c in cols]
+    w_q, w_kv = adapter.unit_parameters(block, "query_head"), adapter.unit_parameters(block, "kv_head")
+    groups = [sorted(range(j * size, (j + 1) * size), key=lambda h: -single[h]) for j in range(n_kv)]
     states = []
     for g, k in itertools.product(range(1, n_kv + 1), range(1, size + 1)):
         if g * k == n_q:
             continue
-        groups = [sorted(range(j * size, (j + 1) * size), key=lambda h: -single[h]) for j in range(n_kv)]
         kept_groups = sorted(range(n_kv), key=lambda j: -sum(single[h] for h in groups[j][:k]))[:g]
         kept = {h for j in kept_groups for h in groups[j][:k]}
         removed = [h for h in range(n_q) if h not in kept]
         gone_groups = sorted(set(range(n_kv)) - set(kept_groups))
         heads = [h for h in removed if h // size not in gone_groups]
-        error = _set_error(inv, w, torch.cat([cols[h] for h in removed]), gram.tokens)
+        error = obs_cost(inv, w, torch.cat([cols[h] for h in removed])) / per_token
         states.append({"kept": g * k, "heads": heads, "kv_groups": gone_groups,
                        "params": len(removed) * w_q + len(gone_groups) * w_kv, "error": error})
     return states
@@ -164,7 +155,7 @@ def _max_removable(adapter, block, align: int, min_heads: int, min_neurons: int,
     if "heads" in allow:
         n_q, n_kv = adapter.num_heads(block), adapter.num_kv_heads(block)
         d, size = adapter._head_dim(adapter.attention(block)), n_q // n_kv
-        w_q, w_kv = _head_params(adapter, block)
+        w_q, w_kv = adapter.unit_parameters(block, "query_head"), adapter.unit_parameters(block, "kv_head")
         most += max([(n_q - g * k) * w_q + (n_kv - g) * w_kv
                      for g, k in itertools.product(range(1, n_kv + 1), range(1, size + 1))
                      if g * k >= min_heads and (g * k * d) % align == 0] + [0])
@@ -232,7 +223,7 @@ def plan_for_budget(model: nn.Module, calib=None, *, fraction: float, protect_fi
     if not 0 < max_neuron_fraction < 1:
         raise ValueError(f"max_neuron_fraction must be in (0, 1), got {max_neuron_fraction!r}")
     align = math.lcm(multiple, quant_group_size) if quant_group_size else multiple
-    total = sum(p.numel() for b in blocks for p in b.parameters())
+    total = block_parameters(model)
     target = math.ceil(fraction * total)
     protected = [i < protect_first or i >= n_layers - protect_last for i in range(n_layers)]
     reachable = sum(_max_removable(adapter, b, align, min_heads, min_neurons, max_neuron_fraction, set(allow))

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from . import importance, selection
-from .budget import plan_for_budget
+from .budget import block_parameters, plan_for_budget
 from .evaluate import count_parameters, forward_flops, latency, storage_bytes
 from .paths import staged_directory
 from .plan import PruningPlan
@@ -183,11 +183,6 @@ def budget_step(model: nn.Module, plan_calib, config: PruningConfig, fraction: f
                            protect_last=config.protect_last, **_alignment(config), progress=False)
     _applier(model, plan_calib, config, applied)("budget", plan)
     return applied
-
-
-def block_parameters(model: nn.Module) -> int:
-    """Parameters of the transformer blocks (what ``param_fraction`` is a share of)."""
-    return sum(p.numel() for block in adapter_for(model).blocks(model) for p in block.parameters())
 
 
 def _budget(model: nn.Module, config: PruningConfig) -> tuple[int, int]:

@@ -107,19 +107,27 @@ def change_error(old: torch.Tensor, new: torch.Tensor, gram: Gram) -> float:
     return float(torch.einsum("oi,ij,oj->", d, gram.matrix, d)) / max(gram.tokens, 1)
 
 
-def removal_error(linear: nn.Linear, gram: Gram, removed: torch.Tensor, ridge: float = DEFAULT_RIDGE) -> float:
-    """Weighted squared error per token left after removing the input columns ``removed`` and refitting.
+def obs_cost(inv: torch.Tensor, weight: torch.Tensor, removed: torch.Tensor) -> float:
+    """``trace(W_S (G^-1)_SS^-1 W_S^T)``: what removing columns ``removed`` costs once the rest is refitted.
 
-    ``trace(W_S (G^-1)_SS^-1 W_S^T)``: the optimal-brain-surgeon cost of the set, exact for least
-    squares. Divided by the token count, so it reads as a mean relative squared error.
+    ``inv`` is the inverse of the (damped, augmented) Gram matrix and ``weight`` the augmented
+    ``[W, b]``; the optimal-brain-surgeon cost of the set, exact for least squares (not yet per token).
     """
     if len(removed) == 0:
         return 0.0
-    inv = torch.linalg.inv(gram.damped(ridge))
     idx = torch.as_tensor(removed, dtype=torch.long)
-    w = augmented_weight(linear)[:, idx]
-    cost = torch.trace(w @ torch.linalg.solve(inv[idx][:, idx], w.T))
-    return float(cost) / max(gram.tokens, 1)
+    w = weight[:, idx]
+    return float(torch.trace(w @ torch.linalg.solve(inv[idx][:, idx], w.T)))
+
+
+def removal_error(linear: nn.Linear, gram: Gram, removed: torch.Tensor, ridge: float = DEFAULT_RIDGE) -> float:
+    """Weighted squared error per token left after removing the input columns ``removed`` and refitting.
+
+    ``obs_cost`` divided by the token count, so it reads as a mean relative squared error.
+    """
+    if len(removed) == 0:
+        return 0.0
+    return obs_cost(torch.linalg.inv(gram.damped(ridge)), augmented_weight(linear), removed) / max(gram.tokens, 1)
 
 
 def removal_path(linear: nn.Linear, gram: Gram, unit: int, max_units: int, *, step: int = 1,
@@ -150,14 +158,12 @@ def removal_path(linear: nn.Linear, gram: Gram, unit: int, max_units: int, *, st
             costs = torch.einsum("mou,mou->m", ws, torch.linalg.solve(blocks, ws.transpose(1, 2)).transpose(1, 2))
         take = live[torch.argsort(costs)[: min(step, max_units - len(order))]]
         idx = cols[take].reshape(-1)
-        block = inv[idx][:, idx]
-        solve = torch.linalg.solve(block, inv[idx])  # [s, n + 1]
-        total += float(torch.trace(w[:, idx] @ torch.linalg.solve(block, w[:, idx].T)))
+        solve = torch.linalg.solve(inv[idx][:, idx], inv[idx])  # [s, n + 1]
+        total += obs_cost(inv, w, idx)
         w.addmm_(w[:, idx], solve, alpha=-1)  # in place: the 1,537^2 inverse is rewritten every step
         inv.addmm_(inv[:, idx], solve, alpha=-1)
         alive[take] = False
-        for u in take.tolist():
-            order.append(u)
+        order.extend(take.tolist())
         errors.extend([float("nan")] * (len(take) - 1) + [total / max(gram.tokens, 1)])
     return order, errors
 
@@ -205,15 +211,19 @@ def reconstruct(model: nn.Module, plan: PruningPlan, calib, *, ridge: float = DE
         raise ValueError(f"ridge must be a non-negative number, got {ridge!r}")
     adapter = adapter_for(model)
     blocks = adapter.blocks(model)
-    stream = BlockStream.capture(model, calib, batch_size=batch_size)
     kept = [i for i in range(len(blocks)) if i not in set(plan.layers)]
+    consumers = {i: _consumers(adapter, model, blocks[i], plan, i) for i in kept}
+    last = max((i for i in kept if consumers[i]), default=None)
+    if last is None:  # only whole blocks go: nothing to refit, no pass over the data
+        return ReconstructionReport([])
+    stream = BlockStream.capture(model, calib, batch_size=batch_size)
     rows = []
     with torch.no_grad():
-        for i in per_block(kept, progress, "reconstruct"):
+        for i in per_block([i for i in kept if i <= last], progress, "reconstruct"):
             block = blocks[i]
-            for name, linear, keep in _consumers(adapter, model, block, plan, i):
+            weights = stream.weights()  # of the stream entering the block: the same for both consumers
+            for name, linear, keep in consumers[i]:
                 gram = Gram(linear.in_features, linear.weight.device)
-                weights = stream.weights()
                 capture_inputs(block, linear, stream, lambda x, b: gram.add(x, weights[b]))
                 old = augmented_weight(linear)
                 weight, new_bias = refit(linear, gram, keep, ridge, intercept=bias)
