@@ -13,7 +13,12 @@ import sys
 
 from .pipeline import QUANTIZERS, PruningConfig, run
 
-DEMO = PruningConfig(model="smollm2-135m", param_fraction=0.2, recovery_epochs=1, quantize=("awq", "rtn", "int8"))
+DEMO = PruningConfig(model="smollm2-135m", param_fraction=0.2, quantize=("awq", "rtn", "int8"))
+
+
+# settings whose default (None) the profile or the task fills in: the type to parse, and what the default is
+TASK_DEFAULTS = {"recovery_tokens": (int, "the profile's budget for the task"),
+                 "learning_rate": (float, "the task's (decoder 3e-4, encoder 5e-5)")}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
         elif isinstance(default, bool):
             runner.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                 help=f"default: {default}")
+        elif f.name in TASK_DEFAULTS:
+            kind, meaning = TASK_DEFAULTS[f.name]
+            runner.add_argument(flag, type=kind, default=None, help=f"default: {meaning}")
         else:
             runner.add_argument(flag, type=type(default), default=default, help=f"default: {default}")
     return parser

@@ -19,13 +19,21 @@ Either way the consumers of removed heads and neurons are refitted by least squa
 
 One-shot is ``steps=1``; iterative pruning splits the same total budget over ``steps`` rounds,
 scoring the *current* model each round and recovering after each, so later choices see the
-effect of earlier removals.
+effect of earlier removals. The recovery tokens are split over the rounds too: iterative and
+one-shot runs get the same training compute, so comparing them is fair.
+
+Recovery (``course_lib.recovery``) fine-tunes all weights but the embeddings by default: at
+equal tokens that beat LoRA and distillation from the unpruned model on the course's decoder
+(``benchmarks/recovery_recipes.py``); both are a setting away. Under
+``accelerate launch`` with several processes every process prunes the same way (same seeds,
+same data), recovery runs data-parallel, and rank 0 alone saves, quantizes and reports.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -66,11 +74,13 @@ class PruningConfig:
     protect_first: int = 1
     protect_last: int = 1
     multiple: int = 64  # hardware alignment of kept widths; 1 turns it off
-    steps: int = 1  # 1 = one-shot; > 1 = iterative
-    recovery_epochs: int = 1  # 0 = no recovery
-    learning_rate: float = 1e-4
+    steps: int = 1  # 1 = one-shot; > 1 = iterative, the same recovery tokens split over the rounds
+    recovery_tokens: int | None = None  # training tokens in all; None = the profile's budget; 0 = no recovery
+    learning_rate: float | None = None  # recovery; None = the task's measured best (decoder 3e-4, encoder 5e-5)
     lora_rank: int = 0
-    distill_alpha: float = 0.0  # > 0: distil from the unpruned model
+    distill_alpha: float = 0.0  # > 0: distil from the unpruned model with this weight (0 = plain fine-tuning)
+    hidden_weight: float = 0.0  # weight of the hidden-state distillation loss
+    temperature: float = 2.0
     quantize: tuple[str, ...] = ("awq", "rtn", "int8")
     group_size: int = 64  # INT4 group size; selection aligns widths to it when awq or rtn is asked for
     latency_seq: int = 128
@@ -96,14 +106,24 @@ class PruningConfig:
         if unknown:
             raise ValueError(f"quantize={unknown} is unknown; allowed: {', '.join(QUANTIZERS)}")
         minimums = {"layers": 0, "protect_first": 0, "protect_last": 0, "multiple": 1, "steps": 1,
-                    "recovery_epochs": 0, "lora_rank": 0, "group_size": 1, "latency_seq": 2}
+                    "group_size": 1, "latency_seq": 2}
         for name, low in minimums.items():
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
-        if not 0 <= self.distill_alpha <= 1:
-            raise ValueError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.recovery_tokens is not None and self.recovery_tokens < 0:
+            raise ValueError(f"recovery_tokens must be >= 0 (0 = no recovery) or None (the profile's budget), "
+                             f"got {self.recovery_tokens}")
+        if self.recovery_tokens is not None and 0 < self.recovery_tokens < self.steps:
+            raise ValueError(f"recovery_tokens={self.recovery_tokens} cannot be split over steps={self.steps} rounds")
+        self.recovery_config(tokens=max(self.recovery_tokens or 1, 1), batch_size=1, learning_rate=1.0)  # checked now
+
+    def recovery_config(self, tokens: int, batch_size: int, learning_rate: float) -> RecoveryConfig:
+        """One round's recipe: this config's learning rate (else the task's), LoRA rank and distillation weights."""
+        rate = learning_rate if self.learning_rate is None else self.learning_rate
+        return RecoveryConfig(tokens=tokens, batch_size=batch_size, learning_rate=rate,
+                              lora_rank=self.lora_rank, distill_alpha=self.distill_alpha,
+                              hidden_weight=self.hidden_weight, temperature=self.temperature,
+                              freeze_embeddings=True, seed=self.seed)
 
 
 @dataclass
@@ -208,16 +228,18 @@ def run(config: PruningConfig, out_dir: str | Path, progress: bool = True, task=
     if "awq" in config.quantize and adapter_for(model).name != "llama":
         raise ValueError(f"quantize: 'awq' needs a Llama-family decoder, not the {adapter_for(model).name} family; "
                          "use quantize=('int8',)")
-    teacher = copy.deepcopy(model) if config.distill_alpha > 0 else None
+    tokens_total = task.recovery_tokens if config.recovery_tokens is None else config.recovery_tokens
+    distil = tokens_total and (config.distill_alpha > 0 or config.hidden_weight > 0)
+    teacher = copy.deepcopy(model) if distil else None
     calib = task.calibration(seed=config.seed)
     plan_calib = task.planning_calibration(seed=config.seed) if config.param_fraction or config.reconstruct else None
     history = [_measure("dense", model, task, config)]
     heads_total, neurons_total = _budget(model, config)
     dense_blocks = block_parameters(model)
     plans = []
-    for step, (n_layers, n_heads, n_neurons) in enumerate(zip(
+    for step, (n_layers, n_heads, n_neurons, tokens) in enumerate(zip(
             _split(config.layers, config.steps), _split(heads_total, config.steps),
-            _split(neurons_total, config.steps)), start=1):
+            _split(neurons_total, config.steps), _split(tokens_total, config.steps)), start=1):
         if config.param_fraction:
             # each round removes its share of the *dense* budget, as a fraction of what is left now
             still = config.param_fraction * dense_blocks * step / config.steps - (dense_blocks - block_parameters(model))
@@ -227,13 +249,14 @@ def run(config: PruningConfig, out_dir: str | Path, progress: bool = True, task=
         plans.append({"step": step, "applied": applied})
         tag = f" {step}/{config.steps}" if config.steps > 1 else ""
         history.append(_measure(f"pruned{tag}", model, task, config))
-        if config.recovery_epochs:
-            train, held = task.recovery_data(seed=config.seed + step)
-            result = fine_tune(model, train, held, RecoveryConfig(
-                epochs=config.recovery_epochs, learning_rate=config.learning_rate, batch_size=8,
-                lora_rank=config.lora_rank, distill_alpha=config.distill_alpha, seed=config.seed),
-                teacher=teacher, data_collator=task.data_collator, progress=progress)
-            history.append(_measure(f"recovered{tag}", model, task, config, best_eval_loss=result["best_eval_loss"]))
+        if tokens:
+            train, validation = task.recovery_data(seed=config.seed + step)
+            recipe = config.recovery_config(tokens, task.recovery_batch, task.recovery_learning_rate)
+            result = fine_tune(model, train, validation, recipe,
+                               teacher=teacher, data_collator=task.data_collator, progress=progress)
+            history.append(_measure(f"recovered{tag}", model, task, config, recovery=_recovery_summary(result)))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return history  # under `accelerate launch`, the other processes helped recover; rank 0 saves and reports
     with staged_directory(out / "model") as staged:
         model.save_pretrained(staged)
         task.tokenizer.save_pretrained(staged)
@@ -244,6 +267,14 @@ def run(config: PruningConfig, out_dir: str | Path, progress: bool = True, task=
         history.append(_quantized(name, model, task, config, calib, out))
     _write_report(config, task.quality_name, history, out)
     return history
+
+
+def _recovery_summary(result: dict) -> dict:
+    """What a report says of one recovery round: budget, time, validation curve and the weights kept."""
+    curve = [(0, result["initial_eval_loss"])] + [(h["step"] * result["tokens_per_step"], h["eval_loss"])
+                                                  for h in result["log_history"] if "eval_loss" in h]
+    return {key: result[key] for key in ("tokens", "steps", "planned_steps", "seconds", "initial_eval_loss",
+                                         "best_eval_loss", "kept", "bf16")} | {"validation_curve": curve}
 
 
 def _quantized(name: str, model: nn.Module, task, config: PruningConfig, calib, out: Path) -> Stage:
@@ -268,7 +299,7 @@ def _quantized(name: str, model: nn.Module, task, config: PruningConfig, calib, 
 
 
 def _write_report(config: PruningConfig, quality_name: str, history: list[Stage], out: Path) -> None:
-    from .viz import plot_history
+    from .viz import plot_history, plot_recovery
 
     (out / "history.json").write_text(json.dumps({"config": asdict(config), "history": [asdict(s) for s in history]},
                                                  indent=2))
@@ -284,6 +315,19 @@ def _write_report(config: PruningConfig, quality_name: str, history: list[Stage]
         lines.append(f"| {s.stage} | {s.params / 1e6:.2f}M | {s.weight_bytes / 1e6:.1f} | "
                      f"{s.latency_ms:.1f} ({s.latency_iqr_ms:.1f}) | "
                      f"{measured:.2f}x | {ideal:.2f}x | {measured / ideal:.2f} | {s.quality:.4g} |")
+    rounds = [s for s in history if "recovery" in s.extra]
+    if rounds:
+        lines += ["", "Recovery (validation loss: the training objective on the task's validation split; the quality "
+                  "above is measured on the test split, which recovery never sees):", "",
+                  "| stage | tokens | steps | minutes | validation loss before -> kept | weights kept |",
+                  "|---|---|---|---|---|---|"]
+        for s in rounds:
+            r = s.extra["recovery"]
+            lines.append(f"| {s.stage} | {r['tokens']:,} | {r['steps']} of {r['planned_steps']} | "
+                         f"{r['seconds'] / 60:.1f} | {r['initial_eval_loss']:.4f} -> {r['best_eval_loss']:.4f} | "
+                         f"{r['kept']} |")
+        lines += ["", "![validation loss during recovery](recovery.png)"]
+        plot_recovery(rounds, out / "recovery.png")
     notes = [f"- {s.stage}: {s.extra['note']}" for s in history if "note" in s.extra]
     if notes:
         lines += ["", *notes]

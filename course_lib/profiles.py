@@ -26,6 +26,11 @@ class Profile:
     quant_calib_samples: int  # calibration sequences for AWQ's scale and clipping search
     plan_samples: int  # sequences (encoder: 8 x as many examples) for the budget planner and reconstruction
     plan_tokens: int  # tokens per planner sequence (decoder)
+    recovery_tokens: int  # decoder recovery budget: training tokens (packed sequences)
+    recovery_seq: int  # decoder recovery sequence length
+    recovery_batch: int  # decoder recovery sequences per optimizer step
+    validation_windows: int  # decoder recovery: validation-split windows of recovery_seq tokens
+    encoder_recovery_tokens: int  # encoder recovery budget: real (unpadded) training tokens
     device: str
 
     def torch_device(self) -> str:
@@ -34,6 +39,10 @@ class Profile:
 
         return self.device if self.device != "cuda" or torch.cuda.is_available() else "cpu"
 
+
+# Sized to the measured throughput of the default recipe on 2 CPU cores, so that recovery takes
+# about 10 minutes there (benchmarks/recovery_recipes.py; numbers in the issue notes).
+RECOVERY_TOKENS_CI = 98_304
 
 PROFILES: dict[str, Profile] = {
     "ci": Profile(
@@ -50,6 +59,11 @@ PROFILES: dict[str, Profile] = {
         quant_calib_samples=8,
         plan_samples=32,
         plan_tokens=256,
+        recovery_tokens=RECOVERY_TOKENS_CI,
+        recovery_seq=512,
+        recovery_batch=4,
+        validation_windows=16,
+        encoder_recovery_tokens=131_072,
         device="cpu",
     ),
     "full": Profile(
@@ -66,6 +80,11 @@ PROFILES: dict[str, Profile] = {
         quant_calib_samples=128,
         plan_samples=128,
         plan_tokens=512,
+        recovery_tokens=20_000_000,
+        recovery_seq=2048,
+        recovery_batch=32,
+        validation_windows=64,
+        encoder_recovery_tokens=1_000_000,
         device="cuda",
     ),
 }

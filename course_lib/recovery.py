@@ -1,131 +1,326 @@
 """Recovery fine-tuning with the Hugging Face Trainer: no hand-written training loop.
 
-A pruned model loses quality; a short, gentle fine-tune wins much of it back. The recipe is the
-same for both families: cosine schedule, 10% warm-up, a low learning rate, evaluation every
-epoch, early stopping, and the best epoch's weights kept. Options: LoRA adapters through peft
-(merged back afterwards, so the result is a plain pruned model again) and distillation from the
-unpruned model (KL divergence between softened logits). The Trainer and accelerate handle
-devices and multiple GPUs.
+A pruned model loses quality; training it a little more wins much of it back. What the recipe
+fixes, and why:
+
+- **A budget in tokens**, not epochs over whatever set is at hand: recipes, learning rates and
+  iterative schedules are only comparable at equal compute. The budget becomes optimizer steps
+  (rounded up to a multiple of ``evaluations``, so the last step is evaluated).
+- **A validation set that is not the test set**: the Trainer evaluates on it ``evaluations``
+  times, stops early after ``patience`` evaluations without improvement and keeps the best
+  checkpoint. The weights from before training count as a candidate, so recovery never hands
+  back a model that is worse on validation than the one it was given.
+- **Distillation from the unpruned model** (as in Minitron): KL divergence between
+  temperature-softened logits, scaled by T^2 so its gradients keep their size as T changes;
+  optionally a hidden-state loss on matched layers. The teacher runs on the fly, in the same
+  precision as the student.
+- **LoRA** through peft, merged back, so the result is a plain pruned model again.
+- Cosine schedule with warm-up; bf16 autocast where the hardware computes in bf16.
+
+The Trainer and accelerate handle devices and processes: the same call runs under
+``accelerate launch`` with several processes (DDP); ``batch_size`` is the global batch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 
 import torch
 from datasets import Dataset
 from torch import nn
-from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, default_data_collator
+from tqdm.auto import tqdm
+from transformers import (EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments,
+                          default_data_collator)
 
 from .pruned_modeling import adapter_for
 
 
 @dataclass(frozen=True)
 class RecoveryConfig:
-    epochs: int = 2
-    learning_rate: float = 5e-5
-    batch_size: int = 8
+    tokens: int | None = None  # training tokens over all processes; None = ``epochs`` passes over the train set
+    epochs: int = 1
+    learning_rate: float = 3e-4  # best of 1e-5 / 1e-4 / 3e-4 for the course's decoder at 32k tokens
+    batch_size: int = 8  # sequences (or examples) per optimizer step, over all processes
     warmup: float = 0.1  # share of all steps
-    patience: int = 1  # epochs without improvement before stopping
+    evaluations: int = 4  # validation evaluations, evenly spaced; the last one is at the final step
+    patience: int = 2  # evaluations without improvement before stopping
     weight_decay: float = 0.0
     lora_rank: int = 0  # 0 = train all weights; > 0 = LoRA adapters of this rank, merged at the end
     distill_alpha: float = 0.0  # weight of the KL term when a teacher is given (0 = plain loss)
     temperature: float = 2.0
+    hidden_weight: float = 0.0  # weight of the hidden-state loss on matched layers (needs a teacher)
+    freeze_embeddings: bool = False  # keep the (often tied) token embeddings fixed
+    bf16: bool | None = None  # None: bf16 autocast where the device computes in bf16
     seed: int = 0
 
     def __post_init__(self) -> None:
         checks = {
-            "epochs": self.epochs >= 1, "learning_rate": self.learning_rate > 0, "batch_size": self.batch_size >= 1,
-            "warmup": 0 <= self.warmup < 1, "patience": self.patience >= 1, "lora_rank": self.lora_rank >= 0,
-            "distill_alpha": 0 <= self.distill_alpha <= 1, "temperature": self.temperature > 0,
+            "tokens": self.tokens is None or self.tokens >= 1, "epochs": self.epochs >= 1,
+            "learning_rate": self.learning_rate > 0, "batch_size": self.batch_size >= 1,
+            "warmup": 0 <= self.warmup < 1, "evaluations": self.evaluations >= 1, "patience": self.patience >= 1,
+            "lora_rank": self.lora_rank >= 0, "distill_alpha": 0 <= self.distill_alpha <= 1,
+            "temperature": self.temperature > 0, "hidden_weight": self.hidden_weight >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"RecoveryConfig: invalid {bad[0]}={getattr(self, bad[0])!r} "
-                             "(epochs, batch_size, patience >= 1; learning_rate, temperature > 0; "
-                             "warmup in [0, 1); distill_alpha in [0, 1]; lora_rank >= 0)")
+                             "(tokens: None or >= 1; epochs, batch_size, evaluations, patience >= 1; "
+                             "learning_rate, temperature > 0; warmup in [0, 1); distill_alpha in [0, 1]; "
+                             "lora_rank, hidden_weight >= 0)")
+
+
+def bf16_supported(device: torch.device | str) -> bool:
+    """Whether ``device`` multiplies in bf16 natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX).
+
+    Elsewhere bf16 autocast is emulated and slower than fp32, so the default leaves it off.
+    """
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) on logits softened by ``temperature``, per position, times T^2.
+
+    Positions are every index but the last (the vocabulary or classes). Computed in fp32 even
+    under autocast: a bf16 log-softmax over 49k tokens loses the small probabilities KL is about.
+    """
+    t = temperature
+    student = nn.functional.log_softmax(student_logits.float() / t, dim=-1).flatten(0, -2)
+    teacher = nn.functional.log_softmax(teacher_logits.float() / t, dim=-1).flatten(0, -2)
+    return nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean") * t * t
+
+
+def hidden_state_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over matched layers of ||h_s - h_t||^2 / ||h_t||^2 over the real tokens.
+
+    With as many layers as the teacher (width pruning), every layer output is matched; otherwise
+    (layers removed) only the final hidden state, the one place both models must agree. Relative
+    to the teacher's norm, so that layers with large activations do not drown the others.
+    """
+    pairs = list(zip(student[1:], teacher[1:])) if len(student) == len(teacher) else [(student[-1], teacher[-1])]
+    weight = torch.ones(pairs[0][1].shape[:-1], device=pairs[0][1].device) if mask is None else mask.float()
+    losses = [((s.float() - t.float()).pow(2).sum(-1) * weight).sum() / (t.float().pow(2).sum(-1) * weight).sum()
+              for s, t in pairs]
+    return torch.stack(losses).mean()
 
 
 class DistillationTrainer(Trainer):
-    """Trainer whose loss mixes the task loss with KL(teacher || student) on softened logits."""
+    """Trainer whose loss mixes the task loss with distillation from a frozen teacher."""
 
-    def __init__(self, *args, teacher: nn.Module, alpha: float, temperature: float, **kwargs):
+    def __init__(self, *args, teacher: nn.Module, alpha: float, temperature: float, hidden_weight: float = 0.0,
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        self.teacher = teacher.eval().requires_grad_(False)
-        self.alpha, self.temperature = alpha, temperature
+        self.teacher = teacher.eval().requires_grad_(False).to(self.args.device)
+        self.alpha, self.temperature, self.hidden_weight = alpha, temperature, hidden_weight
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**inputs)
-        with torch.no_grad():
-            teacher_logits = self.teacher(**{k: v for k, v in inputs.items() if k != "labels"}).logits
-        t = self.temperature
-        kl = nn.functional.kl_div(
-            nn.functional.log_softmax(outputs.logits / t, dim=-1).flatten(0, -2),
-            nn.functional.log_softmax(teacher_logits / t, dim=-1).flatten(0, -2),
-            log_target=True, reduction="batchmean",
-        ) * t * t
-        loss = self.alpha * kl + (1 - self.alpha) * outputs.loss
+        hidden = self.hidden_weight > 0
+        outputs = model(**inputs, output_hidden_states=hidden)
+        with torch.no_grad(), self.accelerator.autocast():  # the teacher in the student's precision
+            target = self.teacher(**{k: v for k, v in inputs.items() if k != "labels"}, output_hidden_states=hidden)
+        loss = (self.alpha * distillation_loss(outputs.logits, target.logits, self.temperature)
+                + (1 - self.alpha) * outputs.loss)
+        if hidden:
+            loss = loss + self.hidden_weight * hidden_state_loss(outputs.hidden_states, target.hidden_states,
+                                                                 inputs.get("attention_mask"))
         return (loss, outputs) if return_outputs else loss
 
 
-def _lora_targets(model: nn.Module) -> list[str]:
-    """Names of the block's linear layers, read off the adapter (LoRA wraps each of them)."""
-    adapter = adapter_for(model)
+class TokenProgress(TrainerCallback):
+    """One progress bar in tokens: tokens/s, time left, and the latest training and validation loss."""
+
+    def __init__(self, total_tokens: int, tokens_per_step: int):
+        self.total, self.per_step, self.bar = total_tokens, tokens_per_step, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=self.total, unit="tok", unit_scale=True, desc="recovery")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(self.per_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs:
+            shown = {k: f"{v:.3f}" for k, v in logs.items() if k in ("loss", "eval_loss")}
+            if shown:
+                self.bar.set_postfix(shown, refresh=False)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _lora_targets(model: nn.Module, rank: int) -> list[str]:
+    """Names of the block's linear layers, read off the family adapter (LoRA wraps each of them)."""
+    try:
+        adapter = adapter_for(model)
+    except ValueError as error:
+        raise ValueError(f"lora_rank={rank}: no LoRA target modules known for this model ({error}); "
+                         "use lora_rank=0") from None
     block = adapter.blocks(model)[0]
     linears = [*adapter.qkv(block), adapter.o_proj(block), *adapter.mlp_in(block), adapter.mlp_out(block)]
-    names = {name.rsplit(".", 1)[-1] for name, module in block.named_modules() if any(module is l for l in linears)}
+    names = {name.rsplit(".", 1)[-1] for name, module in block.named_modules()
+             if isinstance(module, nn.Linear) and any(module is linear for linear in linears)}
+    if not names:
+        raise ValueError(f"lora_rank={rank}: the model's blocks have no nn.Linear layers for LoRA to wrap "
+                         "(a quantized model?); use lora_rank=0")
     return sorted(names)
 
 
-def causal_lm_dataset(tokenizer, texts: list[str], block_size: int) -> Dataset:
-    """Concatenate texts and cut them into full blocks of ``block_size`` tokens (labels = inputs)."""
+def causal_lm_dataset(tokenizer, texts: list[str], block_size: int, limit: int | None = None) -> Dataset:
+    """Concatenate texts and cut them into full blocks of ``block_size`` tokens (labels = inputs).
+
+    Packing wastes no compute on padding and makes every step exactly ``batch x block_size``
+    tokens, which is what a token budget counts. ``limit`` keeps the first blocks only.
+    """
     sep = tokenizer.eos_token or "\n\n"
-    ids = tokenizer(sep.join(texts), return_tensors="pt")["input_ids"][0]
+    ids = tokenizer(sep.join(texts), return_tensors="pt", verbose=False)["input_ids"][0]
     n_blocks = ids.numel() // block_size
     if n_blocks < 1:
         raise ValueError(f"texts hold {ids.numel()} tokens, fewer than block_size={block_size}")
-    blocks = ids[: n_blocks * block_size].reshape(n_blocks, block_size)
+    blocks = ids[: n_blocks * block_size].reshape(n_blocks, block_size)[:limit]
     return Dataset.from_dict({"input_ids": blocks.tolist(), "labels": blocks.tolist()})
+
+
+def tokens_per_row(dataset: Dataset) -> float:
+    """Mean real tokens per row: the attention mask's count where there is one."""
+    column = "attention_mask" if "attention_mask" in dataset.column_names else "input_ids"
+    rows = dataset[column]
+    return sum(sum(r) if column == "attention_mask" else len(r) for r in rows) / len(rows)
+
+
+def training_steps(config: RecoveryConfig, train: Dataset) -> tuple[int, int]:
+    """(optimizer steps, tokens per step) for the budget, steps rounded up to a multiple of ``evaluations``."""
+    per_step = max(1, round(config.batch_size * tokens_per_row(train)))
+    if config.tokens is not None:
+        steps = math.ceil(config.tokens / per_step)
+    else:
+        steps = config.epochs * math.ceil(len(train) / config.batch_size)
+    return math.ceil(steps / config.evaluations) * config.evaluations, per_step
+
+
+def _check(model: nn.Module, train: Dataset, eval_set: Dataset, config: RecoveryConfig, teacher) -> list[str] | None:
+    """Every setting checked before any training; returns the LoRA targets (or None)."""
+    if teacher is not None and config.distill_alpha == 0 and config.hidden_weight == 0:
+        raise ValueError("teacher given but distill_alpha=0 and hidden_weight=0; set distill_alpha in (0, 1] "
+                         "or hidden_weight > 0")
+    if teacher is None and (config.distill_alpha > 0 or config.hidden_weight > 0):
+        raise ValueError(f"distill_alpha={config.distill_alpha}, hidden_weight={config.hidden_weight} need a "
+                         "teacher (the unpruned model); pass teacher= or set both to 0")
+    for name, split in (("train", train), ("eval_set", eval_set)):
+        if len(split) == 0:
+            raise ValueError(f"{name} is empty; recovery needs at least one row")
+    return _lora_targets(model, config.lora_rank) if config.lora_rank else None
+
+
+@contextlib.contextmanager
+def _checkpoint_dir(output_dir: str | None):
+    """Where the Trainer keeps checkpoints: ``output_dir``, else a scratch folder removed afterwards.
+
+    Under several processes the scratch folder is made by rank 0 and its path sent to the
+    others: rank 0 writes the checkpoints and every rank loads the best one from the same place,
+    so all of them end with the same weights (on several machines, pass a shared ``output_dir``).
+    """
+    if output_dir is not None:
+        yield output_dir
+        return
+    dist = torch.distributed
+    shared = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    main = not shared or dist.get_rank() == 0
+    path = [tempfile.mkdtemp(prefix="course_lib-recovery-") if main else None]
+    if shared:
+        dist.broadcast_object_list(path, src=0)
+    try:
+        yield path[0]
+    finally:
+        if shared:
+            dist.barrier()  # nobody is still reading a checkpoint
+        if main:
+            shutil.rmtree(path[0], ignore_errors=True)
 
 
 def fine_tune(model: nn.Module, train: Dataset, eval_set: Dataset, config: RecoveryConfig = RecoveryConfig(), *,
               teacher: nn.Module | None = None, data_collator=None, output_dir: str | None = None,
               progress: bool = True) -> dict:
-    """Fine-tune ``model`` in place on tokenised ``train``; returns the log history and best loss.
+    """Fine-tune ``model`` in place on tokenised ``train``, choosing weights on ``eval_set``.
 
     The same recipe trains the task baseline and recovers a pruned model. ``train`` /
     ``eval_set`` hold model inputs (``input_ids``, optional ``attention_mask``) and ``labels``:
     token ids for a causal LM, class ids for a classifier. ``data_collator`` defaults to stacking
-    equal-length rows; pass ``DataCollatorWithPadding`` for variable-length text.
+    equal-length rows; pass ``DataCollatorWithPadding`` for variable-length text. Returns the
+    Trainer's log history and a summary: tokens, steps, seconds, validation loss before and at
+    the kept weights, and which weights were kept. The validation loss is the training
+    objective on ``eval_set`` (with a teacher: the distillation loss). A run that fails or is
+    interrupted restores the weights it started from.
     """
-    if teacher is not None and config.distill_alpha == 0:
-        raise ValueError("teacher given but distill_alpha=0; set distill_alpha in (0, 1]")
+    targets = _check(model, train, eval_set, config, teacher)
+    steps, per_step = training_steps(config, train)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16 = bf16_supported(device) if config.bf16 is None else config.bf16
+    args = TrainingArguments(
+        output_dir=output_dir or "unused", max_steps=steps, learning_rate=config.learning_rate,
+        per_device_train_batch_size=1, per_device_eval_batch_size=config.batch_size,
+        lr_scheduler_type="cosine", warmup_steps=config.warmup, weight_decay=config.weight_decay,
+        eval_strategy="steps", eval_steps=steps // config.evaluations, save_strategy="steps",
+        save_steps=steps // config.evaluations, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+        greater_is_better=False, save_total_limit=1, save_only_model=True, logging_steps=1,
+        report_to="none", seed=config.seed, disable_tqdm=True, use_cpu=device == "cpu", bf16=bf16,
+    )
+    if config.batch_size % args.world_size:
+        raise ValueError(f"batch_size={config.batch_size} must be a multiple of the {args.world_size} processes")
+    args.per_device_train_batch_size = config.batch_size // args.world_size
+    before = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    frozen = model.get_input_embeddings().weight if config.freeze_embeddings else None
+    if frozen is not None:
+        frozen.requires_grad_(False)
     trained = model
-    if config.lora_rank:
-        from peft import LoraConfig, get_peft_model
+    try:
+        if targets:
+            from peft import LoraConfig, get_peft_model
 
-        trained = get_peft_model(model, LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank,
-                                                   target_modules=_lora_targets(model), lora_dropout=0.0))
-    with tempfile.TemporaryDirectory() as scratch:
-        args = TrainingArguments(
-            output_dir=output_dir or scratch, num_train_epochs=config.epochs, learning_rate=config.learning_rate,
-            per_device_train_batch_size=config.batch_size, per_device_eval_batch_size=config.batch_size,
-            lr_scheduler_type="cosine", warmup_steps=config.warmup, weight_decay=config.weight_decay,
-            eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True,
-            metric_for_best_model="eval_loss", greater_is_better=False, save_total_limit=1,
-            save_only_model=True, logging_strategy="epoch", report_to="none", seed=config.seed,
-            disable_tqdm=not progress, use_cpu=not torch.cuda.is_available(),
-        )
-        kwargs = dict(model=trained, args=args, train_dataset=train, eval_dataset=eval_set,
-                      data_collator=data_collator or default_data_collator,
-                      callbacks=[EarlyStoppingCallback(early_stopping_patience=config.patience)])
-        trainer = (DistillationTrainer(**kwargs, teacher=teacher, alpha=config.distill_alpha,
-                                       temperature=config.temperature)
-                   if teacher is not None else Trainer(**kwargs))
-        trainer.train()
-        history = trainer.state.log_history
-    if config.lora_rank:
-        trained.merge_and_unload()
+            trained = get_peft_model(model, LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank,
+                                                       target_modules=targets, lora_dropout=0.0))
+        with _checkpoint_dir(output_dir) as checkpoints:
+            args.output_dir = checkpoints
+            kwargs = dict(model=trained, args=args, train_dataset=train, eval_dataset=eval_set,
+                          data_collator=data_collator or default_data_collator,
+                          callbacks=[EarlyStoppingCallback(early_stopping_patience=config.patience)])
+            trainer = (DistillationTrainer(**kwargs, teacher=teacher, alpha=config.distill_alpha,
+                                           temperature=config.temperature, hidden_weight=config.hidden_weight)
+                       if teacher is not None else Trainer(**kwargs))
+            trainer.remove_callback(PrinterCallback)
+            if progress:
+                trainer.add_callback(TokenProgress(steps * per_step, per_step))
+            initial = trainer.evaluate()["eval_loss"]
+            start = time.perf_counter()
+            trainer.train()
+            seconds = time.perf_counter() - start
+        if targets:
+            trained.merge_and_unload()
+    except BaseException:  # a failed or interrupted run hands back the model it was given, untouched
+        if trained is not model:
+            trained.unload()
+        model.load_state_dict(before)
+        raise
+    finally:
+        if frozen is not None:
+            frozen.requires_grad_(True)
+    history = trainer.state.log_history
+    best = min(h["eval_loss"] for h in history if "eval_loss" in h)  # train() starts a fresh log: no step 0
+    kept = f"best checkpoint (step {trainer.state.best_global_step})"
+    if best >= initial:  # training never beat the weights it started from: hand those back
+        model.load_state_dict(before)
+        best, kept = initial, "the weights before training (no evaluation improved on them)"
     model.eval()
-    return {"log_history": history, "best_eval_loss": min(h["eval_loss"] for h in history if "eval_loss" in h)}
+    done = trainer.state.global_step
+    return {"log_history": history, "initial_eval_loss": initial, "best_eval_loss": best, "kept": kept,
+            "steps": done, "planned_steps": steps, "tokens": done * per_step, "tokens_per_step": per_step,
+            "seconds": seconds, "bf16": bf16}

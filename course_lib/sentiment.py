@@ -20,7 +20,8 @@ from .profiles import get_profile
 from .recovery import RecoveryConfig, fine_tune
 
 MAX_LENGTH = 64  # tokens; covers 99.5% of the snippets (median 26)
-BASELINE_CONFIG = RecoveryConfig(epochs=2, learning_rate=5e-5, batch_size=32, patience=1)
+# two epochs, evaluated after each; fp32 everywhere, so the cached baseline is the same on every machine
+BASELINE_CONFIG = RecoveryConfig(epochs=2, learning_rate=5e-5, batch_size=32, evaluations=2, patience=1, bf16=False)
 
 
 def tokenized(tokenizer, split: Dataset) -> Dataset:
@@ -41,6 +42,14 @@ def baseline_dir(profile: str | None = None) -> Path:
     return cache_dir() / "models" / f"minilm-l6-sentiment-{get_profile(profile).name}"
 
 
+def baseline_train_split(profile: str | None = None) -> Dataset:
+    """The train examples the profile's baseline is fine-tuned on: the first ``train_examples``
+    of the train split (all of it when 0)."""
+    train = load_sentiment()["train"]
+    n = get_profile(profile).train_examples
+    return train.select(range(min(n, len(train)))) if n else train
+
+
 def train_baseline(config: RecoveryConfig = BASELINE_CONFIG, profile: str | None = None,
                    progress: bool = True) -> Path:
     """Fine-tune MiniLM on the train split (validation for early stopping) and cache it.
@@ -50,10 +59,7 @@ def train_baseline(config: RecoveryConfig = BASELINE_CONFIG, profile: str | None
     """
     model, tokenizer = zoo.load_encoder_classifier("minilm-l6", num_labels=2)
     data = load_sentiment()
-    train = data["train"]
-    n = get_profile(profile).train_examples
-    if n:
-        train = train.select(range(min(n, len(train))))
+    train = baseline_train_split(profile)
     fine_tune(model, tokenized(tokenizer, train), tokenized(tokenizer, data["validation"]), config,
               data_collator=DataCollatorWithPadding(tokenizer), progress=progress)
     accuracy = sentiment_accuracy(model, tokenizer)

@@ -26,6 +26,23 @@ def plot_history(history, quality_label: str, path: str | Path | None = None):
     return fig
 
 
+def plot_recovery(stages, path: str | Path | None = None):
+    """Validation loss against training tokens, one line per recovery round (``Stage.extra["recovery"]``)."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for s in stages:
+        tokens, losses = zip(*s.extra["recovery"]["validation_curve"])
+        ax.plot(tokens, losses, marker="o", label=s.stage)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("validation loss")
+    ax.set_title("recovery: the validation articles, evaluated during training")
+    ax.legend()
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    return fig
+
+
 def show_in(output, fig):
     """Show ``fig`` in an ipywidgets ``Output`` in place of what it showed; returns ``fig``.
 

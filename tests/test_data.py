@@ -27,7 +27,7 @@ N_NEGATIVE, N_POSITIVE = 5_326, 5_242
 SPLIT_SIZES = {"train": (4_260, 4_194), "validation": (533, 524), "test": (533, 524)}  # (neg, pos)
 # The shortened enwiki dump in gensim 4.4.0: 206 pages, 106 of them articles (ns 0, no redirect).
 N_ARTICLES, N_TEST_ARTICLES = 106, 11
-PROSE_CHARS = {"calibration": 2_362_235, "test": 322_958}
+PROSE_CHARS = {"calibration": 2_191_459, "validation": 170_776, "test": 322_958}
 MARKUP = ("{{", "}}", "[[", "]]", "==", "<ref", "{|", "|}")
 
 
@@ -171,18 +171,27 @@ def test_sentiment_split_is_fixed(sentiment):
 
 
 def test_prose_article_counts(prose):
-    assert len(prose["calibration"]) + len(prose["test"]) == N_ARTICLES
-    assert len(prose["test"]) == N_TEST_ARTICLES
+    assert sum(len(prose[name]) for name in data.PROSE_SPLITS) == N_ARTICLES
+    assert len(prose["test"]) == N_TEST_ARTICLES and len(prose["validation"]) == 8
     for name, chars in PROSE_CHARS.items():
         assert sum(map(len, prose[name]["text"])) == chars
     assert PROSE_CHARS["test"] >= 50_000  # enough held-out text for a perplexity
 
 
-def test_prose_split_by_article(prose):
-    calibration, test = set(prose["calibration"]["title"]), set(prose["test"]["title"])
-    assert len(calibration) == len(prose["calibration"]) and len(test) == len(prose["test"])
-    assert calibration.isdisjoint(test)
+def test_prose_splits_are_disjoint_by_article(prose):
+    titles = {name: set(prose[name]["title"]) for name in data.PROSE_SPLITS}
+    for name, split in titles.items():
+        assert len(split) == len(prose[name])  # no title twice within a split
+    assert titles["calibration"].isdisjoint(titles["validation"])
+    assert titles["calibration"].isdisjoint(titles["test"])
+    assert titles["validation"].isdisjoint(titles["test"])
     assert data.load_prose()["test"]["title"] == prose["test"]["title"]
+
+
+def test_test_articles_did_not_move_when_validation_was_carved_out(prose):
+    # the test split is drawn from all titles first, exactly as before the validation split existed
+    everything = [t for name in data.PROSE_SPLITS for t in prose[name]["title"]]
+    assert set(prose["test"]["title"]) == data.split_titles(everything, data.PROSE_TEST_FRACTION, data.PROSE_SEED)
 
 
 def test_prose_has_no_markup(prose):

@@ -47,6 +47,8 @@ class TinyDecoderTask:
     def quality(self, model):
         return perplexity(model, self._ids(4, 99).reshape(-1), context=32)
 
+    recovery_batch, recovery_tokens, recovery_learning_rate = 8, 1024, 3e-3
+
     def recovery_data(self, seed=0):
         as_ds = lambda ids: Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})  # noqa: E731
         return as_ds(self._ids(32, seed + 1)), as_ds(self._ids(8, seed + 2))
@@ -81,6 +83,8 @@ class TinyEncoderTask:
         with torch.no_grad():
             return accuracy(model(input_ids=ids).logits.argmax(-1), labels)
 
+    recovery_batch, recovery_tokens, recovery_learning_rate = 8, 768, 1e-3
+
     def recovery_data(self, seed=0):
         def as_ds(n, s):
             ids, labels = self._data(n, s)
@@ -91,7 +95,7 @@ class TinyEncoderTask:
 @pytest.mark.parametrize("steps", [1, 2])
 def test_decoder_pipeline_end_to_end(tmp_path, steps):
     config = PruningConfig(model="tiny", layers=1, head_fraction=0.25, neuron_fraction=0.25, multiple=1,
-                           protect_first=0, protect_last=1, steps=steps, recovery_epochs=2, learning_rate=3e-3,
+                           protect_first=0, protect_last=1, steps=steps, recovery_tokens=2048, learning_rate=3e-3,
                            quantize=("int8",), latency_seq=16)
     history = run(config, tmp_path, progress=False, task=TinyDecoderTask())
     names = [s.stage for s in history]
@@ -111,13 +115,18 @@ def test_decoder_pipeline_end_to_end(tmp_path, steps):
     header = ("| stage | params | weights MB | latency ms (IQR) | measured speedup | ideal speedup | measured / ideal "
               "| perplexity |")
     assert header in report
-    assert report.count("\n| ") == len(history) + 1
+    assert report.count("\n| ") == len(history) + 1 + 1 + steps  # the stages, then one recovery row per round
+    rounds = [s.extra["recovery"] for s in history if "recovery" in s.extra]
+    # matched compute: iterative rounds share the one budget (2048 tokens = 8 steps of 8 x 32 tokens)
+    assert [r["tokens"] for r in rounds] == [2048 // steps] * steps
+    assert all(r["best_eval_loss"] <= r["initial_eval_loss"] for r in rounds)
+    assert "recovery.png" in report and (tmp_path / "recovery.png").exists()
 
 
 @pytest.mark.parametrize("reconstruct", [True, False])
 def test_budget_pipeline_removes_the_share_of_block_parameters(tmp_path, reconstruct):
     config = PruningConfig(model="tiny", param_fraction=0.3, multiple=16, protect_first=0, protect_last=1,
-                           steps=2, recovery_epochs=0, quantize=(), latency_seq=16, reconstruct=reconstruct)
+                           steps=2, recovery_tokens=0, quantize=(), latency_seq=16, reconstruct=reconstruct)
     task = TinyDecoderTask()
     dense = task.load()
     history = run(config, tmp_path, progress=False, task=task)
@@ -147,7 +156,7 @@ class TinyAwqDecoderTask(TinyDecoderTask):
 
 @pytest.mark.slow
 def test_decoder_pipeline_quantizes_with_awq_and_rtn(tmp_path):
-    config = PruningConfig(model="tiny", neuron_fraction=0.25, protect_first=0, protect_last=0, recovery_epochs=0,
+    config = PruningConfig(model="tiny", neuron_fraction=0.25, protect_first=0, protect_last=0, recovery_tokens=0,
                            quantize=("awq", "rtn"), latency_seq=16)
     history = run(config, tmp_path, progress=False, task=TinyAwqDecoderTask())
     assert [s.stage for s in history] == ["dense", "pruned", "AWQ int4", "RTN int4 (simulated)"]
@@ -162,7 +171,7 @@ def test_decoder_pipeline_quantizes_with_awq_and_rtn(tmp_path):
 
 def test_encoder_pipeline_end_to_end(tmp_path):
     config = PruningConfig(model="tiny", layers=1, head_fraction=0.25, neuron_fraction=0.25, multiple=1,
-                           protect_first=0, protect_last=0, recovery_epochs=1, learning_rate=1e-3,
+                           protect_first=0, protect_last=0, recovery_tokens=768, learning_rate=1e-3,
                            quantize=("int8",), latency_seq=12, distill_alpha=0.5)
     history = run(config, tmp_path, progress=False, task=TinyEncoderTask())
     assert [s.stage for s in history] == ["dense", "pruned", "recovered", "int8 (torchao)"]
@@ -194,6 +203,12 @@ def test_pruning_a_quantized_model_is_refused():
     ("steps", 0, "steps must be >= 1, got 0"),
     ("profile", "huge", "profile='huge' is unknown"),
     ("param_fraction", 1.0, r"param_fraction must be in \[0, 1\), got 1.0"),
+    ("recovery_tokens", -1, r"recovery_tokens must be >= 0 \(0 = no recovery\) or None"),
+    ("temperature", 0.0, "invalid temperature=0.0"),
+    ("learning_rate", -1e-4, "invalid learning_rate=-0.0001"),
+    ("learning_rate", 0.0, "invalid learning_rate=0.0"),
+    ("hidden_weight", -1.0, "invalid hidden_weight=-1.0"),
+    ("lora_rank", -2, "invalid lora_rank=-2"),
 ])
 def test_config_errors_name_the_parameter(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -209,6 +224,8 @@ def test_budget_and_explicit_amounts_are_exclusive():
     (["--neuron-fraction", "1.5"], "neuron_fraction must be in [0, 1), got 1.5"),
     (["--head-method", "psychic"], "head_method='psychic' is unknown"),
     (["--param-fraction", "1.2"], "param_fraction must be in [0, 1), got 1.2"),
+    (["--recovery-tokens", "-5"], "recovery_tokens must be >= 0"),
+    (["--temperature", "-1"], "invalid temperature=-1.0"),
 ])
 def test_cli_rejects_bad_arguments(tmp_path, args, message):
     result = subprocess.run([sys.executable, "-m", "course_lib", "run", "--out", str(tmp_path), *args],

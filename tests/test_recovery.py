@@ -8,7 +8,7 @@ from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from course_lib.plan import PruningPlan
-from course_lib.recovery import RecoveryConfig, fine_tune
+from course_lib.recovery import RecoveryConfig, distillation_loss, fine_tune, hidden_state_loss
 from course_lib.surgery import apply_plan
 
 
@@ -59,11 +59,122 @@ def test_distillation_from_the_unpruned_teacher_lowers_the_loss():
     assert _eval_loss(student, held_out) < before
 
 
-def test_bad_recovery_settings_name_the_parameter():
-    with pytest.raises(ValueError, match="invalid warmup=1.5"):
-        RecoveryConfig(warmup=1.5)
-    with pytest.raises(ValueError, match="invalid epochs=0"):
-        RecoveryConfig(epochs=0)
+@pytest.mark.parametrize("setting,match", [
+    (dict(warmup=1.5), "invalid warmup=1.5"), (dict(epochs=0), "invalid epochs=0"),
+    (dict(tokens=0), "invalid tokens=0"), (dict(tokens=-5), "invalid tokens=-5"),
+    (dict(temperature=0.0), "invalid temperature=0.0"), (dict(temperature=-1.0), "invalid temperature=-1.0"),
+    (dict(hidden_weight=-0.1), "invalid hidden_weight=-0.1"), (dict(evaluations=0), "invalid evaluations=0"),
+])
+def test_bad_recovery_settings_name_the_parameter(setting, match):
+    with pytest.raises(ValueError, match=match):
+        RecoveryConfig(**setting)
+
+
+class _Bag(torch.nn.Module):
+    """A model with no transformer blocks at all: nothing for LoRA to wrap."""
+
+    config = LlamaConfig(model_type="unknown")
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = torch.nn.Embedding(32, 8)
+
+
+@pytest.mark.parametrize("model,config,teacher,match", [
+    ("pruned", RecoveryConfig(), "teacher", "teacher given but distill_alpha=0"),
+    ("pruned", RecoveryConfig(distill_alpha=0.5), None, "need a teacher"),
+    ("pruned", RecoveryConfig(hidden_weight=1.0), None, "need a teacher"),
+    ("bag", RecoveryConfig(lora_rank=4), None, "lora_rank=4: no LoRA target modules"),
+])
+def test_bad_settings_fail_before_any_training(model, config, teacher, match, monkeypatch):
+    model = _tiny_pruned_llama() if model == "pruned" else _Bag()
+    before = copy.deepcopy(model.state_dict())
+    monkeypatch.setattr("course_lib.recovery.Trainer.train", lambda *a, **k: pytest.fail("training started"))
+    with pytest.raises(ValueError, match=match):
+        fine_tune(model, _pattern_dataset(4, 1), _pattern_dataset(4, 2), config,
+                  teacher=copy.deepcopy(model) if teacher else None, progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_distillation_loss_is_the_softened_kl_computed_by_hand():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 3, 5), torch.randn(2, 3, 5)  # batch 2, 3 positions, 5 classes
+    t = 2.5
+    by_hand = 0.0
+    for b in range(2):
+        for i in range(3):
+            p = torch.softmax(teacher[b, i] / t, -1)
+            q = torch.softmax(student[b, i] / t, -1)
+            by_hand += float((p * (p.log() - q.log())).sum())
+    expected = by_hand / 6 * t * t  # mean over the 6 positions, times T^2
+    assert distillation_loss(student, teacher, t).item() == pytest.approx(expected, rel=1e-5)
+    assert distillation_loss(teacher, teacher, t).item() == pytest.approx(0.0, abs=1e-6)
+    # a classifier's logits (batch x classes) are positions too
+    assert distillation_loss(student[0], teacher[0], t).item() == pytest.approx(
+        sum(float((torch.softmax(teacher[0, i] / t, -1) * (torch.log_softmax(teacher[0, i] / t, -1)
+             - torch.log_softmax(student[0, i] / t, -1))).sum()) for i in range(3)) / 3 * t * t, rel=1e-5)
+
+
+def test_hidden_state_loss_matches_every_layer_or_only_the_last():
+    torch.manual_seed(0)
+    teacher = tuple(torch.randn(2, 4, 8) for _ in range(4))  # embeddings + 3 layers
+    same = tuple(h.clone() for h in teacher)
+    assert hidden_state_loss(same, teacher).item() == pytest.approx(0.0, abs=1e-7)
+    doubled = (teacher[0], *(2 * h for h in teacher[1:]))
+    assert hidden_state_loss(doubled, teacher).item() == pytest.approx(1.0, rel=1e-5)  # ||2h - h||^2 / ||h||^2
+    fewer = (teacher[0], torch.randn(2, 4, 8), teacher[-1])  # a layer removed: only the final state counts
+    assert hidden_state_loss(fewer, teacher).item() == pytest.approx(0.0, abs=1e-7)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    padded = tuple(h.clone() for h in teacher)
+    for h in padded[1:]:
+        h[0, 2:] += 100.0  # padding positions: ignored under the mask
+    assert hidden_state_loss(padded, teacher, mask).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_token_budget_sets_the_steps_and_recovery_never_changes_shapes():
     model = _tiny_pruned_llama()
-    with pytest.raises(ValueError, match="distill_alpha"):
-        fine_tune(model, _pattern_dataset(4, 1), _pattern_dataset(4, 2), teacher=copy.deepcopy(model))
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    train, held_out = _pattern_dataset(64, 1), _pattern_dataset(16, 2)
+    # 16 tokens a row, batch 8 = 128 tokens a step; 1000 tokens -> 8 steps, rounded up to a multiple of 4
+    result = fine_tune(model, train, held_out, RecoveryConfig(tokens=1000, learning_rate=3e-3, patience=4),
+                       progress=False)
+    assert (result["planned_steps"], result["tokens_per_step"]) == (8, 128)
+    assert result["steps"] == 8 and result["tokens"] == 1024
+    evaluated = [h["step"] for h in result["log_history"] if "eval_loss" in h]
+    assert evaluated == [2, 4, 6, 8]  # four evenly spaced evaluations, the last at the final step
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes
+    assert result["best_eval_loss"] < result["initial_eval_loss"]
+
+
+def test_recovery_keeps_the_weights_it_started_from_when_training_only_hurts():
+    model = _tiny_pruned_llama()
+    train, held_out = _pattern_dataset(64, 1), _pattern_dataset(16, 2)
+    fine_tune(model, train, held_out, RecoveryConfig(epochs=3, learning_rate=3e-3), progress=False)
+    trained = copy.deepcopy(model.state_dict())
+    shuffled = Dataset.from_dict({"input_ids": torch.randint(0, 32, (64, 16), generator=torch.Generator()
+                                                             .manual_seed(3)).tolist()})
+    noise = shuffled.add_column("labels", shuffled["input_ids"])  # random tokens: nothing to learn, much to forget
+    result = fine_tune(model, noise, held_out, RecoveryConfig(tokens=2048, learning_rate=3e-2), progress=False)
+    assert result["kept"].startswith("the weights before training")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in trained.items())
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_an_interrupted_recovery_hands_back_the_model_it_was_given(lora_rank, monkeypatch):
+    model = _tiny_pruned_llama()
+    before = copy.deepcopy(model.state_dict())
+
+    def interrupted(trainer, *args, **kwargs):
+        with torch.no_grad():
+            for p in trainer.model.parameters():
+                p.add_(1.0)  # half-way through, every weight has moved
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("course_lib.recovery.Trainer.train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fine_tune(model, _pattern_dataset(16, 1), _pattern_dataset(4, 2),
+                  RecoveryConfig(tokens=512, lora_rank=lora_rank, freeze_embeddings=True), progress=False)
+    assert not any("lora" in name for name, _ in model.named_modules())
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert model.get_input_embeddings().weight.requires_grad  # the freeze is undone too
