@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from datasets import Dataset
 from torch import nn
@@ -222,6 +224,21 @@ def _check(model: nn.Module, train: Dataset, eval_set: Dataset, config: Recovery
 
 
 @contextlib.contextmanager
+def _rng_untouched():
+    """Restore the random generators afterwards (a DataLoader draws a seed from them each time it starts)."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+@contextlib.contextmanager
 def _checkpoint_dir(output_dir: str | None):
     """Where the Trainer keeps checkpoints: ``output_dir``, else a scratch folder removed afterwards.
 
@@ -299,7 +316,8 @@ def fine_tune(model: nn.Module, train: Dataset, eval_set: Dataset, config: Recov
             trainer.remove_callback(PrinterCallback)
             if progress:
                 trainer.add_callback(TokenProgress(steps * per_step, per_step))
-            initial = trainer.evaluate()["eval_loss"]
+            with _rng_untouched():  # so that training draws exactly what it would without this evaluation
+                initial = trainer.evaluate()["eval_loss"]
             start = time.perf_counter()
             trainer.train()
             seconds = time.perf_counter() - start

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from datasets import Dataset
 from transformers import AutoTokenizer, BertForSequenceClassification, DataCollatorWithPadding
 
@@ -57,6 +58,7 @@ def train_baseline(config: RecoveryConfig = BASELINE_CONFIG, profile: str | None
     The ``ci`` profile trains on a fixed 2,048-example subset to stay within minutes on 2 CPU
     cores; ``full`` uses all 8,454. Accuracy is always measured on the whole test split.
     """
+    torch.manual_seed(config.seed)  # the new classification head: the same on every machine, whatever ran before
     model, tokenizer = zoo.load_encoder_classifier("minilm-l6", num_labels=2)
     data = load_sentiment()
     train = baseline_train_split(profile)
