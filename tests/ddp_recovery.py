@@ -7,7 +7,6 @@ Every process runs this same file (DDP): it prunes the same tiny Llama, recovers
 validation losses and a digest of its final weights. Rank 0 also saves the model.
 """
 
-import hashlib
 import json
 import os
 import sys
@@ -18,7 +17,7 @@ from datasets import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tiny import wide_llama  # noqa: E402
+from tiny import weights_digest, wide_llama  # noqa: E402
 
 from course_lib.plan import PruningPlan  # noqa: E402
 from course_lib.recovery import RecoveryConfig, fine_tune  # noqa: E402
@@ -38,8 +37,7 @@ def main(out: Path) -> None:
     result = fine_tune(model, counting(128, 1), counting(16, 2),
                        RecoveryConfig(tokens=4096, batch_size=8, learning_rate=3e-3, patience=4, bf16=False),
                        progress=False)
-    digest = hashlib.sha256(b"".join(v.detach().contiguous().numpy().tobytes()
-                                     for _, v in sorted(model.state_dict().items()))).hexdigest()
+    digest = weights_digest(model)
     world = int(os.environ.get("WORLD_SIZE", 1))
     (out / f"rank{rank}.json").write_text(json.dumps({
         "world_size": world, "digest": digest, "initial_eval_loss": result["initial_eval_loss"],

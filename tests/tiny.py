@@ -32,3 +32,11 @@ def wide_llama(seed=0):
                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
                          initializer_range=0.2, pad_token_id=0)
     return LlamaForCausalLM(config).eval()
+
+
+def weights_digest(model) -> str:
+    """sha256 of every tensor of the state dict in key order: equal digests, identical weights."""
+    import hashlib
+
+    return hashlib.sha256(b"".join(v.detach().contiguous().numpy().tobytes()
+                                   for _, v in sorted(model.state_dict().items()))).hexdigest()
