@@ -13,7 +13,7 @@ import sys
 
 from .pipeline import QUANTIZERS, PruningConfig, run
 
-DEMO = PruningConfig(model="smollm2-135m", param_fraction=0.2, quantize=("awq", "rtn", "int8"))
+DEMO = PruningConfig(model="smollm2-135m", param_fraction=0.2)  # every format in PruningConfig.quantize
 
 
 # settings whose default (None) the profile or the task fills in: the type to parse, and what the default is

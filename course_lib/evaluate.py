@@ -12,10 +12,9 @@ from tqdm.auto import tqdm
 def count_parameters(model: nn.Module) -> int:
     """Weights the model computes with, counted once each (tied embeddings are one tensor).
 
-    AWQ's packed linears keep their INT4 weights as int32 buffers, eight to a number, and their
-    bias as an fp16 buffer, so ``parameters()`` misses both: they count as the ``in_features x
-    out_features`` (and bias) they stand for, which keeps a quantized model's count equal to its
-    fp32 twin's.
+    Quantized linears (AWQ's, ``lowbit``'s) keep their integer weights and bias as buffers, so
+    ``parameters()`` misses both: they count as the ``in_features x out_features`` (and bias) they
+    stand for, which keeps a quantized model's count equal to its fp32 twin's.
     """
     unique = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     packed = sum(m.in_features * m.out_features + (m.bias.numel() if getattr(m, "bias", None) is not None else 0)
@@ -27,8 +26,9 @@ def storage_bytes(model: nn.Module) -> int:
     """Bytes the model's weights take in memory: parameters and buffers, each tensor once.
 
     Quantized weights count at their stored width: AWQ's packed int32 ``qweight`` with its fp16
-    scales and zeros, torchao's int8 tensors through the inner tensors they flatten to (their
-    ``element_size()`` reports the fp32 they stand for). Simulated quantization (RTN here) stays fp32.
+    scales and zeros, ``lowbit``'s uint8 / int8 buffers with their bf16 scales, torchao's tensor
+    subclasses through the inner tensors they flatten to (their ``element_size()`` reports the
+    float they stand for). Simulated quantization (RTN here) stays fp32.
     """
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     return sum(_stored_bytes(t) for t in tensors.values())

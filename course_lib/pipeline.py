@@ -1,8 +1,10 @@
 """The whole pipeline: score -> select -> surgery -> recover (repeat for iterative) -> quantize.
 
-``run(config, out_dir)`` records every stage in a history (parameters, FLOPs, latency, quality)
-and writes the report folder: ``report.md``, ``history.json``, ``plan.json``, PNG plots and the
-saved pruned model (safetensors, reloadable with ``from_pretrained``).
+``run(config, out_dir)`` records every stage in a history (parameters, weight bytes, FLOPs, quality,
+and at the end of the run prefill and decode speed, every stage's model timed side by side in
+interleaved rounds by ``course_lib.timing``) and writes the report folder: ``report.md``,
+``history.json``, ``plan.json``, PNG plots, the saved pruned model (safetensors, reloadable with
+``from_pretrained``) and each quantized model.
 
 Two ways to say how much to remove:
 
@@ -40,9 +42,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import importance, selection
+from . import importance, lowbit, selection, timing
 from .budget import block_parameters, plan_for_budget
-from .evaluate import count_parameters, forward_flops, latency, storage_bytes
+from .evaluate import count_parameters, forward_flops, storage_bytes
 from .paths import staged_directory
 from .plan import PruningPlan
 from .profiles import get_profile
@@ -52,8 +54,9 @@ from .recovery import RecoveryConfig, fine_tune
 from .surgery import apply_plan
 from .tasks import task_for
 
-QUANTIZERS = ("awq", "rtn", "int8")
-INT4 = ("awq", "rtn")  # weight-only 4-bit on a group grid: widths must divide into groups
+QUANTIZERS = ("int4", "awq", "int8", "bf16", "rtn")  # course_lib.quantize says what each is for
+INT4 = ("int4", "awq", "rtn")  # weight-only 4-bit on a group grid: widths must divide into groups
+AWQ_SEARCH = ("int4", "awq")  # both take their grid from AWQ's search, which needs the Llama family
 
 
 @dataclass(frozen=True)
@@ -81,9 +84,11 @@ class PruningConfig:
     distill_alpha: float = 0.0  # > 0: distil from the unpruned model with this weight (0 = plain fine-tuning)
     hidden_weight: float = 0.0  # weight of the hidden-state distillation loss
     temperature: float = 2.0
-    quantize: tuple[str, ...] = ("awq", "rtn", "int8")
-    group_size: int = 64  # INT4 group size; selection aligns widths to it when awq or rtn is asked for
-    latency_seq: int = 128
+    quantize: tuple[str, ...] = ("int4", "awq", "int8", "bf16", "rtn")
+    group_size: int = 64  # INT4 group size; selection aligns widths to it when an INT4 format is asked for
+    latency_seq: int = 128  # prefill: 1 x this many tokens; decode starts from a prompt this long
+    decode_tokens: int = 32  # new tokens timed per decode run
+    timing_rounds: int = 5  # interleaved rounds; each figure is the median over them
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -106,7 +111,7 @@ class PruningConfig:
         if unknown:
             raise ValueError(f"quantize={unknown} is unknown; allowed: {', '.join(QUANTIZERS)}")
         minimums = {"layers": 0, "protect_first": 0, "protect_last": 0, "multiple": 1, "steps": 1,
-                    "group_size": 1, "latency_seq": 2}
+                    "group_size": 1, "latency_seq": 2, "decode_tokens": 1, "timing_rounds": 1}
         for name, low in minimums.items():
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
@@ -128,13 +133,19 @@ class PruningConfig:
 
 @dataclass
 class Stage:
+    """One row of the report. The speed fields are filled at the end of the run, all stages timed
+    together (``timing.compare``); None where a stage is not timed (decode for an encoder; AWQ's
+    checkpoint on a CPU, which has no kernel for it)."""
+
     stage: str
     params: int
     weight_bytes: int
     flops: int
-    latency_ms: float
-    latency_iqr_ms: float
     quality: float
+    prefill_ms: float | None = None
+    prefill_spread_ms: float | None = None
+    decode_tokens_per_s: float | None = None
+    decode_spread: float | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -143,17 +154,34 @@ def _split(total: int, steps: int) -> list[int]:
     return [total * (i + 1) // steps - total * i // steps for i in range(steps)]
 
 
-def _measure(name: str, model: nn.Module, task, config: PruningConfig, flops: int | None = None, **extra) -> Stage:
-    timing = latency(model, batch=1, seq=config.latency_seq, mode="forward")
+def _measure(name: str, model: nn.Module, task, config: PruningConfig, models: dict, flops: int | None = None,
+             timed: bool = True, **extra) -> Stage:
+    """The stage's size and quality now; a copy of its model goes into ``models`` to be timed with the others."""
+    if timed:
+        models[name] = copy.deepcopy(model)
     return Stage(stage=name, params=count_parameters(model), weight_bytes=storage_bytes(model),
                  flops=forward_flops(model, 1, config.latency_seq) if flops is None else flops,
-                 latency_ms=timing["median_ms"], latency_iqr_ms=timing["iqr_ms"], quality=task.quality(model),
-                 extra=extra)
+                 quality=task.quality(model), extra=extra)
+
+
+def _time_stages(history: list[Stage], models: dict, config: PruningConfig, progress: bool) -> None:
+    """Every kept stage model timed side by side (``timing.compare``), the figures written into ``history``."""
+    results = timing.compare(models, seq=config.latency_seq, new_tokens=config.decode_tokens,
+                             rounds=config.timing_rounds, progress=progress)
+    for stage in history:
+        if stage.stage in results:
+            r = results[stage.stage]
+            stage.prefill_ms, stage.prefill_spread_ms = r["prefill_ms"], r["prefill_spread_ms"]
+            stage.decode_tokens_per_s, stage.decode_spread = r["decode_tokens_per_s"], r["decode_spread"]
 
 
 def _alignment(config: PruningConfig) -> dict:
-    int4 = set(INT4) & set(config.quantize)
-    return dict(multiple=config.multiple, quant_group_size=config.group_size if int4 else None)
+    """Selection's width constraints: the hardware multiple, and the divisor the asked-for low-bit kernels need."""
+    if set(INT4) & set(config.quantize):
+        divisor = config.group_size
+    else:
+        divisor = lowbit.INT8_COLUMN_MULTIPLE if "int8" in config.quantize else None
+    return dict(multiple=config.multiple, quant_group_size=divisor)
 
 
 def _applier(model: nn.Module, plan_calib, config: PruningConfig, applied: list):
@@ -225,15 +253,17 @@ def run(config: PruningConfig, out_dir: str | Path, progress: bool = True, task=
     torch.manual_seed(config.seed)
     task = task or task_for(config.model, get_profile(config.profile))
     model = task.load()
-    if "awq" in config.quantize and adapter_for(model).name != "llama":
-        raise ValueError(f"quantize: 'awq' needs a Llama-family decoder, not the {adapter_for(model).name} family; "
-                         "use quantize=('int8',)")
+    searched = [q for q in config.quantize if q in AWQ_SEARCH]
+    if searched and adapter_for(model).name != "llama":
+        raise ValueError(f"quantize: {searched} need AWQ's search, which takes a Llama-family decoder, not the "
+                         f"{adapter_for(model).name} family; use quantize=('int8', 'bf16', 'rtn')")
     tokens_total = task.recovery_tokens if config.recovery_tokens is None else config.recovery_tokens
     distil = tokens_total and (config.distill_alpha > 0 or config.hidden_weight > 0)
     teacher = copy.deepcopy(model) if distil else None
     calib = task.calibration(seed=config.seed)
     plan_calib = task.planning_calibration(seed=config.seed) if config.param_fraction or config.reconstruct else None
-    history = [_measure("dense", model, task, config)]
+    models: dict[str, nn.Module] = {}  # stage -> its model, timed together at the end
+    history = [_measure("dense", model, task, config, models)]
     heads_total, neurons_total = _budget(model, config)
     dense_blocks = block_parameters(model)
     plans = []
@@ -248,13 +278,14 @@ def run(config: PruningConfig, out_dir: str | Path, progress: bool = True, task=
             applied = prune_step(model, calib, config, n_layers, n_heads, n_neurons, plan_calib)
         plans.append({"step": step, "applied": applied})
         tag = f" {step}/{config.steps}" if config.steps > 1 else ""
-        history.append(_measure(f"pruned{tag}", model, task, config))
+        history.append(_measure(f"pruned{tag}", model, task, config, models))
         if tokens:
             train, validation = task.recovery_data(seed=config.seed + step)
             recipe = config.recovery_config(tokens, task.recovery_batch, task.recovery_learning_rate)
             result = fine_tune(model, train, validation, recipe,
                                teacher=teacher, data_collator=task.data_collator, progress=progress)
-            history.append(_measure(f"recovered{tag}", model, task, config, recovery=_recovery_summary(result)))
+            history.append(_measure(f"recovered{tag}", model, task, config, models,
+                                    recovery=_recovery_summary(result)))
     if int(os.environ.get("RANK", "0")) != 0:
         return history  # under `accelerate launch`, the other processes helped recover; rank 0 saves and reports
     with staged_directory(out / "model") as staged:
@@ -263,8 +294,8 @@ def run(config: PruningConfig, out_dir: str | Path, progress: bool = True, task=
     (out / "plan.json").write_text(json.dumps(plans, indent=2))
     (out / "plan.txt").write_text("\n\n".join(f"step {p['step']}, {a['kind']}:\n{a['summary']}"
                                                for p in plans for a in p["applied"]) + "\n")
-    for name in config.quantize:
-        history.append(_quantized(name, model, task, config, calib, out))
+    history += _quantized(model, task, config, calib, out, models)
+    _time_stages(history, models, config, progress)
     _write_report(config, task.quality_name, history, out)
     return history
 
@@ -277,44 +308,94 @@ def _recovery_summary(result: dict) -> dict:
                                          "best_eval_loss", "kept", "bf16")} | {"validation_curve": curve}
 
 
-def _quantized(name: str, model: nn.Module, task, config: PruningConfig, calib, out: Path) -> Stage:
-    from .quantize import awq_int4, int8_dynamic, load_awq, rtn_int4, save_awq
+QUANTIZED_NAMES = {"int4": "int4 (CPU kernel, AWQ grid)", "awq": "AWQ int4 (autoawq)", "int8": "int8 weight-only",
+                   "bf16": "bf16", "rtn": "RTN int4 (simulated)"}
+QUANTIZED_NOTES = {
+    "int4": "AWQ's integers and scales on PyTorch's CPU int4 kernel, computing in bf16 with the LM head in INT8; "
+            "saved in `int4/`",
+    "awq": "measured on the checkpoint saved in `awq/` and loaded back; on a CPU autoawq has no kernel (every "
+           "forward dequantises), so it is not timed there: this checkpoint is for GPU serving",
+    "int8": "weight-only INT8 per output row, LM head included, computing in bf16; saved in `int8/`",
+    "bf16": "the whole model in bf16; saved in `bf16/`",
+    "rtn": "round-to-nearest on the same INT4 grid, no calibration, weights kept in fp32: the quality AWQ has to "
+           "beat; its speed is the fp32 model's",
+}
 
-    quantized = copy.deepcopy(model)
-    flops = forward_flops(model, 1, config.latency_seq)  # same arithmetic, fewer bits
-    if name == "awq":
+
+def _quantized(model: nn.Module, task, config: PruningConfig, calib, out: Path, models: dict) -> list[Stage]:
+    """One stage per ``config.quantize`` entry, each on a copy of ``model``; AWQ's search runs once for int4 and awq."""
+    from .quantize import awq_int4, awq_to_cpu_int4, bf16, int8, load_awq, rtn_int4, save_awq
+
+    flops = forward_flops(model, 1, config.latency_seq)  # the same arithmetic in fewer bits
+    stages, awq = [], None
+    if any(name in AWQ_SEARCH for name in config.quantize):
         samples = get_profile(config.profile).quant_calib_samples
-        awq_int4(quantized, calib[:samples], group_size=config.group_size)
-        save_awq(quantized, out / "awq", task.tokenizer)
-        return _measure("AWQ int4", load_awq(out / "awq"), task, config, flops,
-                        note="measured on the checkpoint saved in `awq/` and loaded back; without autoawq's "
-                             "CUDA kernels every forward dequantises: a quality check, not a speed path")
-    if name == "rtn":
-        rtn_int4(quantized, group_size=config.group_size)
-        return _measure("RTN int4 (simulated)", quantized, task, config, flops,
-                        note="round-to-nearest on the same INT4 grid, no calibration, weights kept in fp32: "
-                             "the quality AWQ has to beat; its latency is the fp32 model's")
-    int8_dynamic(quantized)
-    return _measure("int8 (torchao)", quantized, task, config, flops)
+        awq = awq_int4(copy.deepcopy(model), calib[:samples], group_size=config.group_size)
+        if "awq" in config.quantize:
+            save_awq(awq, out / "awq", task.tokenizer)
+    for name in config.quantize:
+        if name == "awq":
+            quantized = load_awq(out / "awq")
+        elif name == "int4":
+            quantized = awq_to_cpu_int4(copy.deepcopy(awq))
+        elif name == "rtn":
+            quantized = rtn_int4(copy.deepcopy(model), group_size=config.group_size)
+        else:
+            quantized = {"int8": int8, "bf16": bf16}[name](copy.deepcopy(model))
+        if name in ("int4", "int8", "bf16"):
+            lowbit.save(quantized, out / name, task.tokenizer)
+            quantized = lowbit.load(out / name)  # measured as a user will load it
+        cpu = next(model.parameters()).device.type == "cpu"
+        stages.append(_measure(QUANTIZED_NAMES[name], quantized, task, config, models, flops,
+                               timed=not (name == "awq" and cpu), note=QUANTIZED_NOTES[name]))
+    return stages
+
+
+def _ratio(numerator, denominator) -> str:
+    return "-" if numerator is None or denominator is None else f"{numerator / denominator:.2f}x"
+
+
+def speed_rows(history: list[Stage]) -> list[dict]:
+    """Per stage, measured and ideal speedups against the dense model.
+
+    Prefill is compute-bound, so its ideal is the FLOP ratio; decode reads every weight once per
+    token, so its ideal is the weight-byte ratio. None where a stage was not timed.
+    """
+    dense = history[0]
+    rows = []
+    for s in history:
+        prefill = None if s.prefill_ms is None else dense.prefill_ms / s.prefill_ms
+        decode = None if s.decode_tokens_per_s is None else s.decode_tokens_per_s / dense.decode_tokens_per_s
+        rows.append({"stage": s.stage, "prefill_speedup": prefill, "prefill_ideal": dense.flops / s.flops,
+                     "decode_speedup": decode, "decode_ideal": dense.weight_bytes / s.weight_bytes})
+    return rows
 
 
 def _write_report(config: PruningConfig, quality_name: str, history: list[Stage], out: Path) -> None:
     from .viz import plot_history, plot_recovery
 
-    (out / "history.json").write_text(json.dumps({"config": asdict(config), "history": [asdict(s) for s in history]},
-                                                 indent=2))
-    dense = history[0]
+    rows = speed_rows(history)
+    (out / "history.json").write_text(json.dumps({"config": asdict(config), "history": [asdict(s) for s in history],
+                                                  "speed": rows}, indent=2))
     lines = [f"# Pruning report: {config.model} ({config.profile} profile)", "",
-             f"Latency: forward pass of 1 x {config.latency_seq} tokens, median of repeated runs on this machine, "
-             f"{torch.get_num_threads()} threads. Ideal speedup = dense FLOPs / stage FLOPs.", "",
-             "| stage | params | weights MB | latency ms (IQR) | measured speedup | ideal speedup | measured / ideal "
+             f"Speed: every stage's model timed side by side at the end of the run, {config.timing_rounds} "
+             f"interleaved rounds after a warm-up round, median (interquartile range), {torch.get_num_threads()} "
+             f"threads. Prefill: one forward pass of 1 x {config.latency_seq} tokens; its ideal speedup is the FLOP "
+             f"ratio. Decode: {config.decode_tokens} greedy tokens at batch 1 with the KV cache after a "
+             f"{config.latency_seq}-token prompt; its ideal speedup is the weight-byte ratio (each token reads every "
+             "weight once). Speedups are against the dense model; measured / ideal in brackets.", "",
+             f"| stage | params | weights MB | prefill ms (IQR) | prefill speedup | decode tok/s (IQR) | decode speedup "
              f"| {quality_name} |",
              "|---|---|---|---|---|---|---|---|"]
-    for s in history:
-        measured, ideal = dense.latency_ms / s.latency_ms, dense.flops / s.flops
-        lines.append(f"| {s.stage} | {s.params / 1e6:.2f}M | {s.weight_bytes / 1e6:.1f} | "
-                     f"{s.latency_ms:.1f} ({s.latency_iqr_ms:.1f}) | "
-                     f"{measured:.2f}x | {ideal:.2f}x | {measured / ideal:.2f} | {s.quality:.4g} |")
+    for s, r in zip(history, rows):
+        prefill = "not timed" if s.prefill_ms is None else f"{s.prefill_ms:.1f} ({s.prefill_spread_ms:.1f})"
+        decode = "-" if s.decode_tokens_per_s is None else f"{s.decode_tokens_per_s:.1f} ({s.decode_spread:.1f})"
+        speedups = []
+        for measured, ideal in ((r["prefill_speedup"], r["prefill_ideal"]), (r["decode_speedup"], r["decode_ideal"])):
+            speedups.append("-" if measured is None else
+                            f"{measured:.2f}x of {ideal:.2f}x ({measured / ideal:.2f})")
+        lines.append(f"| {s.stage} | {s.params / 1e6:.2f}M | {s.weight_bytes / 1e6:.1f} | {prefill} | {speedups[0]} | "
+                     f"{decode} | {speedups[1]} | {s.quality:.4g} |")
     rounds = [s for s in history if "recovery" in s.extra]
     if rounds:
         lines += ["", "Recovery (validation loss: the training objective on the task's validation split; the quality "
@@ -337,6 +418,10 @@ def _write_report(config: PruningConfig, quality_name: str, history: list[Stage]
               "or with `trust_remote_code=True`."]
     if "awq" in config.quantize:
         lines.append("AWQ INT4 model: `awq/`, load with `course_lib.quantize.load_awq('awq')`.")
+    saved = [name for name in ("int4", "int8", "bf16") if name in config.quantize]
+    if saved:
+        lines.append(f"Low-bit models for the CPU: {', '.join(f'`{name}/`' for name in saved)}, load with "
+                     f"`course_lib.lowbit.load('{saved[0]}')`.")
     lines += ["", "![quality and latency by stage](stages.png)"]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     plot_history(history, quality_name, out / "stages.png")

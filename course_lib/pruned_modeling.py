@@ -353,6 +353,15 @@ _AUTO = {"AutoModel": AutoModel, "AutoModelForCausalLM": AutoModelForCausalLM,
          "AutoModelForSequenceClassification": AutoModelForSequenceClassification,
          "AutoModelForMaskedLM": AutoModelForMaskedLM}
 
+def auto_class_for(config):
+    """The auto class that builds ``config``'s architecture (``...ForCausalLM`` -> ``AutoModelForCausalLM``)."""
+    architecture = (getattr(config, "architectures", None) or [""])[0]
+    for name, auto in _AUTO.items():
+        if name != "AutoModel" and architecture.endswith(name.removeprefix("AutoModel")):
+            return auto
+    return AutoModel
+
+
 PRUNED_CONFIGS: dict[str, type] = {}  # stock model_type -> pruned config class
 PRUNED_MODELS: dict[type, type] = {}  # stock model class -> pruned model class
 

@@ -1,14 +1,24 @@
-"""Quantize after pruning: AWQ INT4 (autoawq) for the decoder, torchao int8 for a CPU speedup.
+"""Quantize after pruning: INT4 with AWQ's scales on a CPU kernel, AWQ checkpoints for GPU serving,
+weight-only INT8 and bf16, and round-to-nearest INT4 as the baseline.
 
-Order matters: prune -> recover -> quantize. Packed INT4 weights cannot be sliced, so
+Order matters: prune -> recover -> quantize. Packed weights cannot be sliced, so
 ``surgery.apply_plan`` refuses a model that carries a ``quantization_config``; every function
 here that rounds weights sets one.
 
-AWQ on a CPU: autoawq 0.2.9 searches its scales and packs the weights on the CPU, and its
-``WQLinear_GEMM`` layers fall back to dequantise-then-matmul in plain torch when the CUDA
-extension is absent, so the quantized model can be evaluated in memory (slowly: this path is for
-quality, not speed). ``save_awq`` writes the packed model as a checkpoint and ``load_awq`` reads
-it back on any device (transformers' own AWQ loader wants gptqmodel, not part of this stack).
+What each is for (``--quantize`` in the CLI):
+
+* ``int4``: AWQ's search (autoawq 0.2.9, repaired for the CPU in ``awq_search``) picks the scales
+  and the integer grid; the integers then run on PyTorch's CPU int4 kernel (``lowbit.Int4Linear``)
+  in bf16, with the LM head in INT8. The fast CPU path.
+* ``awq``: the same search, packed by autoawq as a checkpoint for its CUDA kernels. On a CPU its
+  ``WQLinear_GEMM`` layers dequantise every weight on every call: a quality check, not a speed path.
+* ``int8``: every block linear and the LM head as weight-only INT8 (``lowbit.Int8Linear``), bf16.
+* ``bf16``: the whole model cast to bf16.
+* ``rtn``: round-to-nearest INT4 on AWQ's grid without calibration, simulated in fp32: the
+  quality AWQ has to beat.
+
+``save_awq`` / ``load_awq`` and ``lowbit.save`` / ``lowbit.load`` write and read the checkpoints
+(safetensors) on any device.
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import awq_search
+from . import awq_search, lowbit
 from .paths import staged_directory
 from .pruned_modeling import adapter_for
 
@@ -26,13 +36,10 @@ AWQ_ROW_BATCH = 64  # autoawq 0.2.9 searches clipping ranges over output rows in
 
 
 def _block_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    adapter = adapter_for(model)
-    found = []
-    for i, block in enumerate(adapter.blocks(model)):
-        for name, module in block.named_modules():
-            if isinstance(module, nn.Linear):
-                found.append((f"layer {i} {name}", module))
-    return found
+    """(module path, linear) for every linear inside the model's blocks, in order."""
+    blocks = {id(block) for block in adapter_for(model).blocks(model)}
+    return [(f"{path}.{name}", linear) for path, block in model.named_modules() if id(block) in blocks
+            for name, linear in block.named_modules() if isinstance(linear, nn.Linear)]
 
 
 def _check_columns(model: nn.Module, group_size: int) -> None:
@@ -119,39 +126,20 @@ def save_awq(model: nn.Module, directory: str | Path, tokenizer=None) -> Path:
 def load_awq(directory: str | Path) -> nn.Module:
     """Load a checkpoint written by ``save_awq``, on a CPU as well as a GPU; returns it in eval mode.
 
-    transformers 5.17 loads AWQ checkpoints only through gptqmodel, which is not part of this
-    course's stack ("Loading an AWQ quantized model requires gptqmodel"). The checkpoint is nothing
-    but packed tensors, so this builds the model from its config (pruned widths included), puts
-    autoawq's ``WQLinear_GEMM`` of the right shape in place of every block linear and loads the
-    tensors strictly: anything missing or left over is an error.
+    transformers 5.17 loads AWQ checkpoints only through gptqmodel ("Loading an AWQ quantized model
+    requires gptqmodel"); this puts autoawq's ``WQLinear_GEMM`` of the right shape in place of every
+    block linear instead (``lowbit.build_from_checkpoint``).
     """
     from awq.modules.linear import WQLinear_GEMM
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    directory = Path(directory)
-    config = AutoConfig.from_pretrained(directory)
-    quant = getattr(config, "quantization_config", None) or {}
-    if quant.get("quant_method") != "awq":
-        raise ValueError(f"{directory} is not an AWQ checkpoint (quantization_config: {quant or None})")
-    del config.quantization_config  # else transformers would hand loading to gptqmodel
-    model = AutoModelForCausalLM.from_config(config)
-    for block in adapter_for(model).blocks(model):
-        for name, linear in list(block.named_modules()):
-            if isinstance(linear, nn.Linear):
-                block.set_submodule(name, WQLinear_GEMM(quant["bits"], quant["group_size"], linear.in_features,
-                                                        linear.out_features, linear.bias is not None, "cpu"))
-    state = {}
-    for shard in sorted(directory.glob("*.safetensors")):
-        state.update(load_file(shard))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    if set(missing) - tied or unexpected:
-        raise ValueError(f"{directory} does not match its config: missing {sorted(set(missing) - tied)}, "
-                         f"unexpected {sorted(unexpected)}")
-    model.tie_weights()
-    model.config.quantization_config = quant
-    return model.eval()
+    def rebuild(model: nn.Module, quant: dict) -> None:
+        for block in adapter_for(model).blocks(model):
+            for name, linear in list(block.named_modules()):
+                if isinstance(linear, nn.Linear):
+                    block.set_submodule(name, WQLinear_GEMM(quant["bits"], quant["group_size"], linear.in_features,
+                                                            linear.out_features, linear.bias is not None, "cpu"))
+
+    return lowbit.build_from_checkpoint(directory, "awq", rebuild)
 
 
 def awq_rescale(model: nn.Module, calib: torch.Tensor, *, group_size: int = 64, clip: bool = False) -> nn.Module:
@@ -184,34 +172,110 @@ def rtn_int4(model: nn.Module, *, group_size: int = 64) -> nn.Module:
     return model.eval()
 
 
-def fake_quantize(weight: torch.Tensor, *, group_size: int, bits: int = 4) -> torch.Tensor:
-    """``weight`` rounded to ``bits``-bit integers per group of ``group_size`` input columns and back.
+def quantize_groups(weight: torch.Tensor, *, group_size: int, bits: int = 4):
+    """``weight`` [out, in] on an asymmetric grid per group of ``group_size`` input columns.
 
-    Asymmetric: each group maps [min, max] onto 0 .. 2**bits - 1 with a zero point, as AWQ's
-    ``zero_point=True`` packing does.
+    Each group maps [min, max] onto 0 .. 2**bits - 1 with an integer zero point, as AWQ's
+    ``zero_point=True`` packing does. Returns ``(levels, scales, zeros)``: integers [out, in],
+    scales and zero points [out, in / group_size], with ``weight ~ (levels - zeros) * scales``.
     """
     rows, cols = weight.shape
     if cols % group_size:
         raise ValueError(f"group_size={group_size} does not divide the {cols} input columns")
-    groups = weight.reshape(-1, group_size)
-    low, high = groups.amin(dim=1, keepdim=True), groups.amax(dim=1, keepdim=True)
+    groups = weight.reshape(rows, cols // group_size, group_size)
+    low, high = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
     top = 2**bits - 1
-    scale = (high - low).clamp(min=1e-5) / top
-    zero = (-torch.round(low / scale)).clamp(0, top)
-    levels = torch.clamp(torch.round(groups / scale) + zero, 0, top)
-    return ((levels - zero) * scale).reshape(rows, cols)
+    scales = (high - low).clamp(min=1e-5) / top
+    zeros = (-torch.round(low / scales)).clamp(0, top)
+    levels = torch.clamp(torch.round(groups / scales) + zeros, 0, top)
+    return levels.reshape(rows, cols), scales.squeeze(-1), zeros.squeeze(-1)
 
 
-def int8_dynamic(model: nn.Module) -> nn.Module:
-    """torchao int8 weights with int8 dynamic activations on every block linear, in place.
+def fake_quantize(weight: torch.Tensor, *, group_size: int, bits: int = 4) -> torch.Tensor:
+    """``weight`` rounded to ``quantize_groups``' grid and back, in its own dtype."""
+    levels, scales, zeros = quantize_groups(weight, group_size=group_size, bits=bits)
+    rows, cols = weight.shape
+    return ((levels.reshape(rows, -1, group_size) - zeros[..., None]) * scales[..., None]).reshape(rows, cols)
 
-    A CPU path with real speedups: the matmuls run in int8. Embeddings and the LM head stay fp32.
+
+def _int8_head(model: nn.Module) -> dict:
+    """The LM head (if any) in INT8; tied input embeddings then read the same INT8 rows.
+
+    Returns what ``lowbit.mark`` records of it.
     """
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        return {}
+    tied = head.weight is model.get_input_embeddings().weight
+    quantized = lowbit.Int8Linear.from_linear(head)
+    model.set_output_embeddings(quantized)
+    if tied:
+        model.set_input_embeddings(lowbit.Int8TiedEmbedding(quantized))
+    return {"tied_embeddings": tied}
 
+
+def int4(model: nn.Module, calib: torch.Tensor | None, *, group_size: int = 64) -> nn.Module:
+    """INT4 on the CPU kernel (``lowbit.Int4Linear``), in place: AWQ's grid from ``calib``, or with
+    ``calib=None`` round-to-nearest's (no search: for speed measurements, where the grid does not matter).
+
+    The LM head goes to INT8 (decoding reads it whole for every token; INT4 there would cost
+    quality the AWQ figure does not include), tied input embeddings read its rows, and the rest
+    of the model goes to bf16.
+    """
+    if calib is not None:
+        awq_int4(model, calib, group_size=group_size)
+        return awq_to_cpu_int4(model)
     if getattr(model.config, "quantization_config", None) is not None:
         raise ValueError("model is already quantized")
-    linears = {id(m) for _, m in _block_linears(model)}
-    quantize_(model, Int8DynamicActivationInt8WeightConfig(), filter_fn=lambda m, _: id(m) in linears)
-    model.config.quantization_config = {"quant_method": "torchao", "quant_type": "int8_dynamic_activation_int8_weight"}
-    return model.eval()
+    for name, linear in _block_linears(model):
+        lowbit.check_int4_shape(name, linear.in_features, linear.out_features, group_size)
+    for name, linear in _block_linears(model):
+        grid = quantize_groups(linear.weight.detach().float(), group_size=group_size)
+        model.set_submodule(name, lowbit.Int4Linear.from_grid(*grid, bias=linear.bias))
+    return _int4_model(model, group_size, "rtn")
+
+
+def _int4_model(model: nn.Module, group_size: int, search: str) -> nn.Module:
+    head = _int8_head(model)
+    model.to(lowbit.COMPUTE_DTYPE)
+    return lowbit.mark(model, "int4", group_size=group_size, search=search, **head).eval()
+
+
+def awq_to_cpu_int4(model: nn.Module) -> nn.Module:
+    """An ``awq_int4`` model (or one ``load_awq`` read) moved to the CPU int4 kernel, in place.
+
+    autoawq's packing is unpacked to the very integers, zero points and scales it stores, so the
+    two models share one grid and differ only in arithmetic (fp16 dequantisation against the
+    kernel's bf16).
+    """
+    from awq.modules.linear import WQLinear_GEMM
+    from awq.utils.packing_utils import reverse_awq_order, unpack_awq
+
+    config = getattr(model.config, "quantization_config", None) or {}
+    if config.get("quant_method") != "awq":
+        raise ValueError("model is not AWQ-quantized: run awq_int4 (or load_awq) first")
+    lowbit.check_int4_shape("the model", 2 * config["group_size"], 2 * lowbit.INT4_ROW_MULTIPLE, config["group_size"])
+    for name, layer in list(model.named_modules()):
+        if isinstance(layer, WQLinear_GEMM):
+            levels, zeros = reverse_awq_order(*unpack_awq(layer.qweight, layer.qzeros, 4), 4)
+            model.set_submodule(name, lowbit.Int4Linear.from_grid(
+                (levels & 15).t(), layer.scales.float().t(), (zeros & 15).t(), layer.bias))
+    return _int4_model(model, config["group_size"], "awq")
+
+
+def int8(model: nn.Module) -> nn.Module:
+    """Weight-only INT8 (one scale per output row) on every block linear and the LM head, bf16 elsewhere; in place."""
+    if getattr(model.config, "quantization_config", None) is not None:
+        raise ValueError("model is already quantized")
+    for name, linear in _block_linears(model):
+        model.set_submodule(name, lowbit.Int8Linear.from_linear(linear))
+    head = _int8_head(model)
+    model.to(lowbit.COMPUTE_DTYPE)
+    return lowbit.mark(model, "int8", **head).eval()
+
+
+def bf16(model: nn.Module) -> nn.Module:
+    """The whole model in bf16, in place: half the bytes of fp32, and bf16 matmuls where the CPU has them."""
+    if getattr(model.config, "quantization_config", None) is not None:
+        raise ValueError("model is already quantized")
+    return lowbit.mark(model.to(torch.bfloat16), "bf16").eval()

@@ -8,15 +8,17 @@ import matplotlib.pyplot as plt
 
 
 def plot_history(history, quality_label: str, path: str | Path | None = None):
-    """Quality, latency and weight memory by pipeline stage, side by side (memory, not parameter
-    count, so that quantized stages show what they save)."""
+    """Quality, prefill time, decode speed and weight memory by pipeline stage, side by side (memory,
+    not parameter count, so that quantized stages show what they save). Stages not timed show no bar."""
     names = [s.stage for s in history]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     panels = [([s.quality for s in history], quality_label),
-              ([s.latency_ms for s in history], "latency (ms, median)"),
+              ([s.prefill_ms for s in history], "prefill (ms, median)"),
+              ([s.decode_tokens_per_s for s in history], "decode (tokens/s, median)"),
               ([s.weight_bytes / 1e6 for s in history], "weights (MB in memory)")]
+    panels = [(values, label) for values, label in panels if any(v is not None for v in values)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.6))
     for ax, (values, label) in zip(axes, panels):
-        ax.bar(range(len(values)), values, color="tab:blue")
+        ax.bar(range(len(values)), [float("nan") if v is None else v for v in values], color="tab:blue")
         ax.set_xticks(range(len(values)), names, rotation=30, ha="right")
         ax.set_title(label)
     fig.tight_layout()

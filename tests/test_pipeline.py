@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, BertConfig, BertForSequenceClassi
 from course_lib.evaluate import accuracy, perplexity
 from course_lib.pipeline import PruningConfig, run
 from course_lib.plan import PruningPlan
+from course_lib import lowbit
 from course_lib.quantize import load_awq
 from course_lib.surgery import apply_plan
 
@@ -96,23 +97,33 @@ class TinyEncoderTask:
 def test_decoder_pipeline_end_to_end(tmp_path, steps):
     config = PruningConfig(model="tiny", layers=1, head_fraction=0.25, neuron_fraction=0.25, multiple=1,
                            protect_first=0, protect_last=1, steps=steps, recovery_tokens=2048, learning_rate=3e-3,
-                           quantize=("int8",), latency_seq=16)
+                           quantize=("int8", "bf16"), latency_seq=16, decode_tokens=4, timing_rounds=2)
     history = run(config, tmp_path, progress=False, task=TinyDecoderTask())
     names = [s.stage for s in history]
     expected = ["dense"] + [f"{kind}{f' {i}/{steps}' if steps > 1 else ''}" for i in range(1, steps + 1)
-                            for kind in ("pruned", "recovered")] + ["int8 (torchao)"]
+                            for kind in ("pruned", "recovered")] + ["int8 weight-only", "bf16"]
     assert names == expected
-    dense, pruned, recovered = history[0], history[-3], history[-2]
+    dense, pruned, recovered = history[0], history[-4], history[-3]
     assert pruned.params < dense.params and pruned.flops < dense.flops
     assert recovered.quality < pruned.quality  # recovery lowers perplexity
     plans = json.loads((tmp_path / "plan.json").read_text())
     assert len(plans) == steps
     applied = [PruningPlan.from_dict(a["plan"]) for p in plans for a in p["applied"]]
     assert sum(len(p.layers) for p in applied) == 1
-    for name in ("report.md", "history.json", "stages.png", "model/model.safetensors", "model/config.json"):
+    for name in ("report.md", "history.json", "stages.png", "model/model.safetensors", "model/config.json",
+                 "int8/model.safetensors", "bf16/config.json"):
         assert (tmp_path / name).exists(), name
+    # every stage timed at the end, side by side: prefill and decode
+    saved = json.loads((tmp_path / "history.json").read_text())
+    for stage in saved["history"]:
+        assert stage["prefill_ms"] > 0 and stage["decode_tokens_per_s"] > 0, stage["stage"]
+        assert {"quality", "params", "weight_bytes", "flops"} <= set(stage)
+    assert [row["stage"] for row in saved["speed"]] == names
+    int8, bf16 = history[-2:]
+    assert int8.weight_bytes < bf16.weight_bytes < recovered.weight_bytes
+    assert abs(int8.quality - recovered.quality) < 0.05 * recovered.quality
     report = (tmp_path / "report.md").read_text()
-    header = ("| stage | params | weights MB | latency ms (IQR) | measured speedup | ideal speedup | measured / ideal "
+    header = ("| stage | params | weights MB | prefill ms (IQR) | prefill speedup | decode tok/s (IQR) | decode speedup "
               "| perplexity |")
     assert header in report
     assert report.count("\n| ") == len(history) + 1 + 1 + steps  # the stages, then one recovery row per round
@@ -157,41 +168,50 @@ class TinyAwqDecoderTask(TinyDecoderTask):
 @pytest.mark.slow
 def test_decoder_pipeline_quantizes_with_awq_and_rtn(tmp_path):
     config = PruningConfig(model="tiny", neuron_fraction=0.25, protect_first=0, protect_last=0, recovery_tokens=0,
-                           quantize=("awq", "rtn"), latency_seq=16)
+                           quantize=("int4", "awq", "rtn"), latency_seq=16, decode_tokens=4, timing_rounds=2)
     history = run(config, tmp_path, progress=False, task=TinyAwqDecoderTask())
-    assert [s.stage for s in history] == ["dense", "pruned", "AWQ int4", "RTN int4 (simulated)"]
-    pruned, awq, rtn = history[1:]
-    assert awq.params == rtn.params == pruned.params  # packed weights counted as what they stand for
-    assert awq.weight_bytes < pruned.weight_bytes == rtn.weight_bytes  # RTN here is simulated in fp32
+    assert [s.stage for s in history] == ["dense", "pruned", "int4 (CPU kernel, AWQ grid)", "AWQ int4 (autoawq)",
+                                          "RTN int4 (simulated)"]
+    pruned, int4, awq, rtn = history[1:]
+    assert int4.params == awq.params == rtn.params == pruned.params  # packed weights counted as what they stand for
+    assert int4.weight_bytes < pruned.weight_bytes and awq.weight_bytes < pruned.weight_bytes == rtn.weight_bytes
     assert abs(awq.quality - pruned.quality) < 0.1 * pruned.quality  # an untrained model: near uniform either way
-    loaded = load_awq(tmp_path / "awq")  # the stage was measured on this reloaded checkpoint
+    assert abs(int4.quality - awq.quality) < 0.02 * awq.quality  # one grid, two kernels
+    assert awq.prefill_ms is None and awq.decode_tokens_per_s is None  # no autoawq kernel on a CPU: not timed
+    assert int4.prefill_ms > 0 and int4.decode_tokens_per_s > 0
+    loaded = load_awq(tmp_path / "awq")  # the stages were measured on these reloaded checkpoints
     assert TinyAwqDecoderTask().quality(loaded) == awq.quality
-    assert "`course_lib.quantize.load_awq('awq')`" in (tmp_path / "report.md").read_text()
+    assert TinyAwqDecoderTask().quality(lowbit.load(tmp_path / "int4")) == int4.quality
+    report = (tmp_path / "report.md").read_text()
+    assert "`course_lib.quantize.load_awq('awq')`" in report and "`course_lib.lowbit.load('int4')`" in report
+    assert "| AWQ int4 (autoawq) |" in report and "| not timed |" in report
 
 
 def test_encoder_pipeline_end_to_end(tmp_path):
     config = PruningConfig(model="tiny", layers=1, head_fraction=0.25, neuron_fraction=0.25, multiple=1,
                            protect_first=0, protect_last=0, recovery_tokens=768, learning_rate=1e-3,
-                           quantize=("int8",), latency_seq=12, distill_alpha=0.5)
+                           quantize=("int8",), latency_seq=12, distill_alpha=0.5, timing_rounds=1)
     history = run(config, tmp_path, progress=False, task=TinyEncoderTask())
-    assert [s.stage for s in history] == ["dense", "pruned", "recovered", "int8 (torchao)"]
+    assert [s.stage for s in history] == ["dense", "pruned", "recovered", "int8 weight-only"]
     assert all(0 <= s.quality <= 1 for s in history)
+    assert all(s.prefill_ms > 0 and s.decode_tokens_per_s is None for s in history)  # an encoder does not decode
     saved = json.loads((tmp_path / "model" / "config.json").read_text())
     assert saved["model_type"] == "pruned_bert" and saved["num_hidden_layers"] == 2
 
 
-def test_awq_on_an_encoder_is_refused_before_any_work(tmp_path):
-    config = PruningConfig(model="tiny", layers=1, quantize=("awq",))
-    with pytest.raises(ValueError, match="'awq' needs a Llama-family decoder, not the bert family"):
+@pytest.mark.parametrize("quantize", [("awq",), ("int8", "int4")])
+def test_awq_search_on_an_encoder_is_refused_before_any_work(tmp_path, quantize):
+    config = PruningConfig(model="tiny", layers=1, quantize=quantize)
+    with pytest.raises(ValueError, match="need AWQ's search, which takes a Llama-family decoder, not the bert family"):
         run(config, tmp_path, progress=False, task=TinyEncoderTask())
     assert not (tmp_path / "model").exists()
 
 
 def test_pruning_a_quantized_model_is_refused():
     model = TinyDecoderTask().load()
-    from course_lib.quantize import int8_dynamic
+    from course_lib.quantize import int8
 
-    int8_dynamic(model)
+    int8(model)
     with pytest.raises(ValueError, match="prune first, then quantize"):
         apply_plan(model, PruningPlan(layers=[0]))
 
@@ -199,8 +219,10 @@ def test_pruning_a_quantized_model_is_refused():
 @pytest.mark.parametrize("field,value,message", [
     ("head_fraction", 1.5, r"head_fraction must be in \[0, 1\), got 1.5"),
     ("neuron_method", "random", "neuron_method='random' is unknown; allowed: activation_frequency"),
-    ("quantize", ("gptq",), r"quantize=\['gptq'\] is unknown; allowed: awq, rtn, int8"),
+    ("quantize", ("gptq",), r"quantize=\['gptq'\] is unknown; allowed: int4, awq, int8, bf16, rtn"),
     ("steps", 0, "steps must be >= 1, got 0"),
+    ("timing_rounds", 0, "timing_rounds must be >= 1, got 0"),
+    ("decode_tokens", 0, "decode_tokens must be >= 1, got 0"),
     ("profile", "huge", "profile='huge' is unknown"),
     ("param_fraction", 1.0, r"param_fraction must be in \[0, 1\), got 1.0"),
     ("recovery_tokens", -1, r"recovery_tokens must be >= 0 \(0 = no recovery\) or None"),

@@ -9,9 +9,10 @@ from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
 from course_lib.evaluate import count_parameters, storage_bytes
 from course_lib.plan import PruningPlan
-from course_lib.quantize import (awq_int4, awq_rescale, check_group_size, fake_quantize, int8_dynamic, load_awq,
+from course_lib.quantize import (awq_int4, awq_rescale, bf16, check_group_size, fake_quantize, int8, load_awq,
                                  rtn_int4, save_awq)
 from course_lib.surgery import apply_plan
+from tiny import louder_channels, token_ids
 
 
 def _pruned_llama():
@@ -27,18 +28,11 @@ def _relative_error(a, b):
 
 
 def _llama_with_outlier_channels():
-    """The pruned tiny Llama with 8 of 256 hidden channels 20x louder after every norm: the
-    salient input channels AWQ exists to protect (random weights alone have none)."""
-    model = _pruned_llama()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.input_layernorm.weight[:8] *= 20
-            layer.post_attention_layernorm.weight[:8] *= 20
-    return model
+    """The pruned tiny Llama with 8 of 256 hidden channels 20x louder after every norm."""
+    return louder_channels(_pruned_llama(), 8)
 
 
-IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
-CALIB = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(2))
+IDS, CALIB = token_ids(2, 24, seed=1), token_ids(4, 64, seed=2)
 
 
 @pytest.mark.slow
@@ -113,29 +107,35 @@ def test_fake_quantize_uses_sixteen_levels_per_group():
         fake_quantize(weight, group_size=48)
 
 
-def test_int8_dynamic_logits_stay_close_to_fp32():
+def test_int8_and_bf16_logits_stay_close_to_fp32_and_count_their_bytes():
     model = _pruned_llama()
     linears = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in name]
-    # int8 weights plus an fp32 scale and an int8 zero point per output row, instead of fp32 weights
-    expected = storage_bytes(model) - sum(4 * m.weight.numel() - m.weight.numel() - 5 * m.out_features for m in linears)
+    head, rest = model.lm_head.weight, storage_bytes(model) - 4 * sum(m.weight.numel() for m in linears)
+    # int8 weights plus a bf16 scale per output row, the LM head in INT8 too; everything else (the
+    # untied embeddings, the norms) in bf16
+    expected = (sum(m.weight.numel() + 2 * m.out_features for m in linears) + head.numel() + 2 * head.shape[0]
+                + (rest - 4 * head.numel()) // 2)
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         reference = model(ids).logits
-        int8_dynamic(model)
-        quantized = model(ids).logits
-    assert 0 < _relative_error(quantized, reference) < 0.05
+        halved = bf16(copy.deepcopy(model))(ids).logits.float()
+        int8(model)
+        quantized = model(ids).logits.float()
+    assert 0 < _relative_error(halved, reference) < 0.02
+    assert 0 < _relative_error(quantized, reference) < 0.03
     assert storage_bytes(model) == expected
+    assert count_parameters(model) == count_parameters(_pruned_llama())
     with pytest.raises(ValueError, match="already quantized"):
-        int8_dynamic(model)
+        int8(model)
 
 
 def test_group_size_must_divide_every_pruned_width():
     model = _pruned_llama()  # widths: hidden 256, layer 0 attention 2 x 64 = 128, layer 1 FFN 192
     check_group_size(model, 64)
-    with pytest.raises(ValueError, match=r"group_size=128 does not divide the input width 192 of layer 1 mlp.down_proj"):
+    with pytest.raises(ValueError, match=r"group_size=128 does not divide the input width 192 of model.layers.1.mlp.down_proj"):
         check_group_size(model, 128)
     apply_plan(model, PruningPlan(neurons={0: list(range(10))}))
-    with pytest.raises(ValueError, match=r"output width 246 of layer 0 mlp.gate_proj is not a multiple of 64"):
+    with pytest.raises(ValueError, match=r"output width 246 of model.layers.0.mlp.gate_proj is not a multiple of 64"):
         check_group_size(model, 2)
     with pytest.raises(ValueError, match="calib must be"):
         awq_int4(model, torch.zeros(4, dtype=torch.long))
@@ -215,5 +215,5 @@ def test_awq_checkpoints_refuse_other_models(tmp_path):
     with pytest.raises(ValueError, match="not AWQ-quantized"):
         save_awq(model, tmp_path / "plain")
     model.save_pretrained(tmp_path / "plain")
-    with pytest.raises(ValueError, match="is not an AWQ checkpoint"):
+    with pytest.raises(ValueError, match="plain is not a checkpoint of quant_method='awq'"):
         load_awq(tmp_path / "plain")

@@ -146,6 +146,20 @@ def test_token_budget_sets_the_steps_and_recovery_never_changes_shapes():
     assert result["best_eval_loss"] < result["initial_eval_loss"]
 
 
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_a_bf16_recovery_hands_back_a_model_that_computes_in_fp32(lora_rank):
+    """accelerate wraps forward in bf16 autocast for training; the wrapper must not outlive it."""
+    model = _tiny_pruned_llama()
+    fine_tune(model, _pattern_dataset(32, 1), _pattern_dataset(8, 2),
+              RecoveryConfig(tokens=512, learning_rate=3e-3, lora_rank=lora_rank, bf16=True), progress=False)
+    assert "forward" not in model.__dict__
+    twin = _tiny_pruned_llama()
+    twin.load_state_dict(model.state_dict())
+    ids = torch.tensor(_pattern_dataset(2, 3)["input_ids"])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, twin.eval()(ids).logits)  # bf16 autocast would differ at 1e-3
+
+
 def test_recovery_keeps_the_weights_it_started_from_when_training_only_hurts():
     model = _tiny_pruned_llama()
     train, held_out = _pattern_dataset(64, 1), _pattern_dataset(16, 2)

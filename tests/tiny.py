@@ -1,4 +1,4 @@
-"""Tiny random models and calibration ids shared by the planner and reconstruction tests."""
+"""Tiny random models and token ids shared by the tests."""
 
 from __future__ import annotations
 
@@ -23,6 +23,21 @@ def tiny_bert(seed: int = 0) -> BertModel:
 
 def calib(seed: int = 1, n: int = 6, t: int = 16) -> torch.Tensor:
     return torch.randint(3, 64, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def token_ids(n: int, t: int, seed: int, vocab: int = 128) -> torch.Tensor:
+    """[n, t] random token ids from a seeded generator."""
+    return torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def louder_channels(model: LlamaForCausalLM, count: int) -> LlamaForCausalLM:
+    """The first ``count`` hidden channels 20x louder after every norm: the salient input channels
+    AWQ exists to protect (random weights alone have none)."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[:count] *= 20
+            layer.post_attention_layernorm.weight[:count] *= 20
+    return model
 
 
 def wide_llama(seed=0):
