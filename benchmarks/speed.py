@@ -12,7 +12,8 @@ rounds, median and interquartile range), so a slow moment of the machine falls o
 * low-bit, each on the combined model: bf16; weight-only INT8; INT4 on the CPU kernel
   (``course_lib.quantize.int4`` with ``calib=None``, the round-to-nearest grid: speed does not
   depend on the grid); for comparison torchao's own CPU int4 (``PrototypeInt4WeightOnlyConfig``,
-  the same aten kernel) and torchao's int8 dynamic-activation path, which the course used before.
+  the same aten kernel, on the block linears only: its LM head stays bf16) and torchao's int8
+  dynamic-activation path (fp32), which the course used before.
 
 Structure is what matters for speed, not which units go, so the variants remove fixed indices
 (the weights stay the embedded pretrained ones). Prefill: 1 x ``--seq`` tokens, ideal = FLOP

@@ -322,10 +322,19 @@ QUANTIZED_NOTES = {
 }
 
 
+CPU_KERNELS = ("int4", "int8")  # lowbit's layers run on PyTorch's CPU kernels only
+
+
 def _quantized(model: nn.Module, task, config: PruningConfig, calib, out: Path, models: dict) -> list[Stage]:
-    """One stage per ``config.quantize`` entry, each on a copy of ``model``; AWQ's search runs once for int4 and awq."""
+    """One stage per ``config.quantize`` entry, each on a copy of ``model``; AWQ's search runs once for int4 and awq.
+
+    Each is measured as a user will load it, from the checkpoint just written. On a GPU the CPU
+    formats are built, saved and scored on the CPU but not timed (the others are timed on the GPU);
+    on a CPU AWQ's checkpoint is not timed (autoawq has no CPU kernel).
+    """
     from .quantize import awq_int4, awq_to_cpu_int4, bf16, int8, load_awq, rtn_int4, save_awq
 
+    device = next(model.parameters()).device
     flops = forward_flops(model, 1, config.latency_seq)  # the same arithmetic in fewer bits
     stages, awq = [], None
     if any(name in AWQ_SEARCH for name in config.quantize):
@@ -335,24 +344,19 @@ def _quantized(model: nn.Module, task, config: PruningConfig, calib, out: Path, 
             save_awq(awq, out / "awq", task.tokenizer)
     for name in config.quantize:
         if name == "awq":
-            quantized = load_awq(out / "awq")
-        elif name == "int4":
-            quantized = awq_to_cpu_int4(copy.deepcopy(awq))
+            quantized = load_awq(out / "awq").to(device)
         elif name == "rtn":
             quantized = rtn_int4(copy.deepcopy(model), group_size=config.group_size)
         else:
-            quantized = {"int8": int8, "bf16": bf16}[name](copy.deepcopy(model))
-        if name in ("int4", "int8", "bf16"):
+            source = copy.deepcopy(awq if name == "int4" else model)
+            quantized = {"int4": awq_to_cpu_int4, "int8": int8, "bf16": bf16}[name](
+                source.cpu() if name in CPU_KERNELS else source)
             lowbit.save(quantized, out / name, task.tokenizer)
-            quantized = lowbit.load(out / name)  # measured as a user will load it
-        cpu = next(model.parameters()).device.type == "cpu"
-        stages.append(_measure(QUANTIZED_NAMES[name], quantized, task, config, models, flops,
-                               timed=not (name == "awq" and cpu), note=QUANTIZED_NOTES[name]))
+            quantized = lowbit.load(out / name).to("cpu" if name in CPU_KERNELS else device)
+        timed = name not in CPU_KERNELS if device.type != "cpu" else name != "awq"
+        stages.append(_measure(QUANTIZED_NAMES[name], quantized, task, config, models, flops, timed=timed,
+                               note=QUANTIZED_NOTES[name]))
     return stages
-
-
-def _ratio(numerator, denominator) -> str:
-    return "-" if numerator is None or denominator is None else f"{numerator / denominator:.2f}x"
 
 
 def speed_rows(history: list[Stage]) -> list[dict]:
@@ -380,8 +384,9 @@ def _write_report(config: PruningConfig, quality_name: str, history: list[Stage]
     lines = [f"# Pruning report: {config.model} ({config.profile} profile)", "",
              f"Speed: every stage's model timed side by side at the end of the run, {config.timing_rounds} "
              f"interleaved rounds after a warm-up round, median (interquartile range), {torch.get_num_threads()} "
-             f"threads. Prefill: one forward pass of 1 x {config.latency_seq} tokens; its ideal speedup is the FLOP "
-             f"ratio. Decode: {config.decode_tokens} greedy tokens at batch 1 with the KV cache after a "
+             f"threads. Prefill: a forward pass of 1 x {config.latency_seq} tokens ({timing.PREFILL_CALLS} per model "
+             f"and round); its ideal speedup is the FLOP ratio. Decode: {config.decode_tokens} greedy tokens at batch 1 "
+             "with the KV cache after a "
              f"{config.latency_seq}-token prompt; its ideal speedup is the weight-byte ratio (each token reads every "
              "weight once). Speedups are against the dense model; measured / ideal in brackets.", "",
              f"| stage | params | weights MB | prefill ms (IQR) | prefill speedup | decode tok/s (IQR) | decode speedup "

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+PREFILL_CALLS = 3  # forward passes timed per model and round
+
 
 def round_robin(names: list[str], rounds: int) -> list[list[str]]:
     """The order of each round: round r starts at model r (mod n), so each model goes first as often as any."""
@@ -78,16 +80,18 @@ def _median_and_spread(values: list[float]) -> tuple[float, float]:
 
 
 def compare(models: dict[str, nn.Module], *, seq: int = 128, new_tokens: int = 32, rounds: int = 5,
-            warmup: int = 1, progress: bool = False,
+            warmup: int = 1, prefill_calls: int = PREFILL_CALLS, progress: bool = False,
             timers: tuple[Callable, Callable] = (prefill_seconds, decode_tokens_per_second)) -> dict[str, dict]:
     """Time every model in ``models`` side by side; returns per name ``prefill_ms``, ``prefill_spread_ms``
     (interquartile range over rounds) and, for models that generate, ``decode_tokens_per_s`` and
     ``decode_spread`` (None for encoders).
 
-    ``warmup`` untimed rounds come first (caches, lazy kernels). ``timers`` are the prefill and
-    decode measurements, replaceable for tests.
+    ``warmup`` untimed rounds come first (caches, lazy kernels). Each visit times ``prefill_calls``
+    forward passes (cheap next to decoding, and single passes on a shared 2-core machine scatter by
+    10%), all of them samples. ``timers`` are the prefill and decode measurements, replaceable for tests.
     """
-    for name, value in (("seq", seq), ("new_tokens", new_tokens), ("rounds", rounds)):
+    for name, value in (("seq", seq), ("new_tokens", new_tokens), ("rounds", rounds),
+                        ("prefill_calls", prefill_calls)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if warmup < 0:
@@ -101,10 +105,10 @@ def compare(models: dict[str, nn.Module], *, seq: int = 128, new_tokens: int = 3
     for index, order in enumerate(schedule):
         for name in order:
             model, ids = models[name], prompts[name]
-            seconds = prefill(model, ids)
+            seconds = [prefill(model, ids) for _ in range(prefill_calls)]
             speed = decode(model, ids, new_tokens) if generates(model) else None
             if index >= warmup:
-                samples[name]["prefill"].append(seconds * 1e3)
+                samples[name]["prefill"] += [value * 1e3 for value in seconds]
                 if speed is not None:
                     samples[name]["decode"].append(speed)
             bar.update()

@@ -40,20 +40,22 @@ def test_compare_times_in_round_robin_order_and_drops_the_warmup():
         calls.append(("decode", names[id(model)]))
         return 100.0 * len(calls)
 
-    results = timing.compare(models, seq=4, new_tokens=2, rounds=3, warmup=1, timers=(prefill, decode))
+    results = timing.compare(models, seq=4, new_tokens=2, rounds=3, warmup=1, prefill_calls=2,
+                             timers=(prefill, decode))
     expected = []
     for order in timing.round_robin(list(models), 4):
         for name in order:
-            expected += [("prefill", name)] + ([("decode", name)] if name != "encoder" else [])
+            expected += [("prefill", name)] * 2 + ([("decode", name)] if name != "encoder" else [])
     assert calls == expected
-    prefill_calls = [i + 1 for i, call in enumerate(calls) if call == ("prefill", "dense")]
-    assert results["dense"]["prefill_ms"] == pytest.approx(prefill_calls[2])  # median of the 3 timed rounds
+    timed = [i + 1 for i, call in enumerate(calls) if call == ("prefill", "dense")][2:]  # after the warm-up round
+    assert results["dense"]["prefill_ms"] == pytest.approx(sum(timed[2:4]) / 2)  # median of the 6 timed calls
     assert results["dense"]["prefill_spread_ms"] > 0
     assert results["encoder"]["decode_tokens_per_s"] is None and results["encoder"]["decode_spread"] is None
     assert results["pruned"]["rounds"] == 3
 
 
-@pytest.mark.parametrize("argument,value", [("seq", 0), ("new_tokens", 0), ("rounds", 0), ("warmup", -1)])
+@pytest.mark.parametrize("argument,value", [("seq", 0), ("new_tokens", 0), ("rounds", 0), ("prefill_calls", 0),
+                                            ("warmup", -1)])
 def test_compare_names_bad_settings(argument, value):
     with pytest.raises(ValueError, match=f"{argument} must be >= {0 if argument == 'warmup' else 1}, got {value}"):
         timing.compare({"a": _Fake(True)}, **{argument: value})
