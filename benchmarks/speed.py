@@ -1,6 +1,6 @@
 """Prefill and decode speed of every pruned shape and every low-bit path, side by side, against the ideal.
 
-    .venv/bin/python benchmarks/speed.py                      # both embedded models, 5 rounds
+    .venv/bin/python benchmarks/speed.py                      # both embedded models, 7 rounds
     .venv/bin/python benchmarks/speed.py --models smollm2 --rounds 7 --json speed.json
 
 One run, all variants of one model timed together by ``course_lib.timing.compare`` (interleaved
@@ -116,22 +116,29 @@ def variants(model, decoder: bool) -> dict:
 
 
 def table(models: dict, results: dict, seq: int) -> list[dict]:
+    """Rows of measured (median of each round's ratio, ``timing.paired_speedup``) and ideal speedups."""
     dense = models["dense"]
     dense_flops, dense_bytes = forward_flops(dense, 1, seq), storage_bytes(dense)
     flops = {name: forward_flops(m, 1, seq) for name, m in models.items() if "," not in name}
+    base = results["dense"]
     rows = []
     for name, model in models.items():
         r = results[name]
         row_flops = flops.get(name, flops["combined"])  # low-bit: the same arithmetic as the model they round
-        row = {"variant": name, "weight_mb": storage_bytes(model) / 1e6, "prefill_ms": r["prefill_ms"],
-               "prefill_spread_ms": r["prefill_spread_ms"], "prefill_speedup": results["dense"]["prefill_ms"]
-               / r["prefill_ms"], "prefill_ideal": dense_flops / row_flops,
-               "decode_tokens_per_s": r["decode_tokens_per_s"], "decode_spread": r["decode_spread"]}
+        row = {"variant": name, "weight_mb": storage_bytes(model) / 1e6, **r,
+               "prefill_speedup": timing.paired_speedup(base["prefill_rounds_ms"], r["prefill_rounds_ms"],
+                                                        higher_is_faster=False),
+               "prefill_ideal": dense_flops / row_flops}
         if r["decode_tokens_per_s"] is not None:
-            row["decode_speedup"] = r["decode_tokens_per_s"] / results["dense"]["decode_tokens_per_s"]
+            row["decode_speedup"] = timing.paired_speedup(base["decode_rounds"], r["decode_rounds"],
+                                                          higher_is_faster=True)
             row["decode_ideal"] = dense_bytes / storage_bytes(model)
         rows.append(row)
     return rows
+
+
+def _speedup(measured: float, ideal: float) -> str:
+    return f"{measured:.2f}x / {ideal:.2f}x ({measured / ideal:.2f})"
 
 
 def print_table(title: str, rows: list[dict]) -> None:
@@ -140,12 +147,12 @@ def print_table(title: str, rows: list[dict]) -> None:
           "| decode speedup / ideal (ratio) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        prefill = f"{r['prefill_speedup']:.2f}x / {r['prefill_ideal']:.2f}x ({r['prefill_speedup'] / r['prefill_ideal']:.2f})"
+        prefill = _speedup(r["prefill_speedup"], r["prefill_ideal"])
         if r["decode_tokens_per_s"] is None:
             decode_rate = decode = "-"
         else:
             decode_rate = f"{r['decode_tokens_per_s']:.1f} ({r['decode_spread']:.1f})"
-            decode = f"{r['decode_speedup']:.2f}x / {r['decode_ideal']:.2f}x ({r['decode_speedup'] / r['decode_ideal']:.2f})"
+            decode = _speedup(r["decode_speedup"], r["decode_ideal"])
         print(f"| {r['variant']} | {r['weight_mb']:.1f} | {r['prefill_ms']:.1f} ({r['prefill_spread_ms']:.1f}) | "
               f"{prefill} | {decode_rate} | {decode} |", flush=True)
 
@@ -181,7 +188,7 @@ def kernels() -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=("smollm2", "minilm"), default=["smollm2", "minilm"])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--json", type=Path, help="also write the rows here")

@@ -88,7 +88,7 @@ class PruningConfig:
     group_size: int = 64  # INT4 group size; selection aligns widths to it when an INT4 format is asked for
     latency_seq: int = 128  # prefill: 1 x this many tokens; decode starts from a prompt this long
     decode_tokens: int = 32  # new tokens timed per decode run
-    timing_rounds: int = 5  # interleaved rounds; each figure is the median over them
+    timing_rounds: int = 7  # interleaved rounds; each figure is the median over them
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -146,6 +146,8 @@ class Stage:
     prefill_spread_ms: float | None = None
     decode_tokens_per_s: float | None = None
     decode_spread: float | None = None
+    prefill_rounds_ms: list[float] | None = None  # per timed round, for speedups paired by round
+    decode_rounds: list[float] | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -173,6 +175,7 @@ def _time_stages(history: list[Stage], models: dict, config: PruningConfig, prog
             r = results[stage.stage]
             stage.prefill_ms, stage.prefill_spread_ms = r["prefill_ms"], r["prefill_spread_ms"]
             stage.decode_tokens_per_s, stage.decode_spread = r["decode_tokens_per_s"], r["decode_spread"]
+            stage.prefill_rounds_ms, stage.decode_rounds = r["prefill_rounds_ms"], r["decode_rounds"]
 
 
 def _alignment(config: PruningConfig) -> dict:
@@ -362,14 +365,15 @@ def _quantized(model: nn.Module, task, config: PruningConfig, calib, out: Path, 
 def speed_rows(history: list[Stage]) -> list[dict]:
     """Per stage, measured and ideal speedups against the dense model.
 
-    Prefill is compute-bound, so its ideal is the FLOP ratio; decode reads every weight once per
-    token, so its ideal is the weight-byte ratio. None where a stage was not timed.
+    Measured: the median over rounds of each round's ratio (``timing.paired_speedup``). Prefill is
+    compute-bound, so its ideal is the FLOP ratio; decode reads every weight once per token, so
+    its ideal is the weight-byte ratio. None where a stage was not timed.
     """
     dense = history[0]
     rows = []
     for s in history:
-        prefill = None if s.prefill_ms is None else dense.prefill_ms / s.prefill_ms
-        decode = None if s.decode_tokens_per_s is None else s.decode_tokens_per_s / dense.decode_tokens_per_s
+        prefill = timing.paired_speedup(dense.prefill_rounds_ms, s.prefill_rounds_ms, higher_is_faster=False)
+        decode = timing.paired_speedup(dense.decode_rounds, s.decode_rounds, higher_is_faster=True)
         rows.append({"stage": s.stage, "prefill_speedup": prefill, "prefill_ideal": dense.flops / s.flops,
                      "decode_speedup": decode, "decode_ideal": dense.weight_bytes / s.weight_bytes})
     return rows
@@ -381,16 +385,16 @@ def _write_report(config: PruningConfig, quality_name: str, history: list[Stage]
     rows = speed_rows(history)
     (out / "history.json").write_text(json.dumps({"config": asdict(config), "history": [asdict(s) for s in history],
                                                   "speed": rows}, indent=2))
-    lines = [f"# Pruning report: {config.model} ({config.profile} profile)", "",
-             f"Speed: every stage's model timed side by side at the end of the run, {config.timing_rounds} "
-             f"interleaved rounds after a warm-up round, median (interquartile range), {torch.get_num_threads()} "
-             f"threads. Prefill: a forward pass of 1 x {config.latency_seq} tokens ({timing.PREFILL_CALLS} per model "
-             f"and round); its ideal speedup is the FLOP ratio. Decode: {config.decode_tokens} greedy tokens at batch 1 "
-             "with the KV cache after a "
-             f"{config.latency_seq}-token prompt; its ideal speedup is the weight-byte ratio (each token reads every "
-             "weight once). Speedups are against the dense model; measured / ideal in brackets.", "",
-             f"| stage | params | weights MB | prefill ms (IQR) | prefill speedup | decode tok/s (IQR) | decode speedup "
-             f"| {quality_name} |",
+    speed = (f"Speed: every stage's model timed side by side at the end of the run, {config.timing_rounds} interleaved "
+             "rounds after a warm-up round, median (interquartile range) over rounds, "
+             f"{torch.get_num_threads()} threads. Prefill: a forward pass of 1 x {config.latency_seq} tokens "
+             f"({timing.PREFILL_CALLS} per model and round); its ideal speedup is the FLOP ratio. Decode: "
+             f"{config.decode_tokens} greedy tokens at batch 1 with the KV cache after a {config.latency_seq}-token "
+             "prompt; its ideal speedup is the weight-byte ratio (each token reads every weight once). Speedups "
+             "against the dense model are the median of each round's ratio; measured / ideal in brackets.")
+    lines = [f"# Pruning report: {config.model} ({config.profile} profile)", "", speed, "",
+             "| stage | params | weights MB | prefill ms (IQR) | prefill speedup | decode tok/s (IQR) "
+             f"| decode speedup | {quality_name} |",
              "|---|---|---|---|---|---|---|---|"]
     for s, r in zip(history, rows):
         prefill = "not timed" if s.prefill_ms is None else f"{s.prefill_ms:.1f} ({s.prefill_spread_ms:.1f})"

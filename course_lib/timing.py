@@ -15,6 +15,7 @@ first, and each figure is the median over rounds, so slow moments fall on all mo
 from __future__ import annotations
 
 import itertools
+import statistics
 import time
 from collections.abc import Callable
 
@@ -83,12 +84,14 @@ def compare(models: dict[str, nn.Module], *, seq: int = 128, new_tokens: int = 3
             warmup: int = 1, prefill_calls: int = PREFILL_CALLS, progress: bool = False,
             timers: tuple[Callable, Callable] = (prefill_seconds, decode_tokens_per_second)) -> dict[str, dict]:
     """Time every model in ``models`` side by side; returns per name ``prefill_ms``, ``prefill_spread_ms``
-    (interquartile range over rounds) and, for models that generate, ``decode_tokens_per_s`` and
+    (median and interquartile range over rounds) and, for models that generate, ``decode_tokens_per_s`` and
     ``decode_spread`` (None for encoders).
 
     ``warmup`` untimed rounds come first (caches, lazy kernels). Each visit times ``prefill_calls``
     forward passes (cheap next to decoding, and single passes on a shared 2-core machine scatter by
-    10%), all of them samples. ``timers`` are the prefill and decode measurements, replaceable for tests.
+    10%) and keeps their median. The per-round figures come back too (``prefill_rounds_ms``,
+    ``decode_rounds``) for ``paired_speedup``. ``timers`` are the prefill and decode measurements,
+    replaceable for tests.
     """
     for name, value in (("seq", seq), ("new_tokens", new_tokens), ("rounds", rounds),
                         ("prefill_calls", prefill_calls)):
@@ -108,7 +111,7 @@ def compare(models: dict[str, nn.Module], *, seq: int = 128, new_tokens: int = 3
             seconds = [prefill(model, ids) for _ in range(prefill_calls)]
             speed = decode(model, ids, new_tokens) if generates(model) else None
             if index >= warmup:
-                samples[name]["prefill"] += [value * 1e3 for value in seconds]
+                samples[name]["prefill"].append(statistics.median(seconds) * 1e3)
                 if speed is not None:
                     samples[name]["decode"].append(speed)
             bar.update()
@@ -119,5 +122,19 @@ def compare(models: dict[str, nn.Module], *, seq: int = 128, new_tokens: int = 3
         decode_rate, decode_spread = (_median_and_spread(samples[name]["decode"]) if samples[name]["decode"]
                                       else (None, None))
         results[name] = {"prefill_ms": prefill_ms, "prefill_spread_ms": prefill_spread,
-                         "decode_tokens_per_s": decode_rate, "decode_spread": decode_spread, "rounds": rounds}
+                         "decode_tokens_per_s": decode_rate, "decode_spread": decode_spread, "rounds": rounds,
+                         "prefill_rounds_ms": samples[name]["prefill"],
+                         "decode_rounds": samples[name]["decode"] or None}
     return results
+
+
+def paired_speedup(baseline: list[float] | None, other: list[float] | None, *, higher_is_faster: bool) -> float | None:
+    """Median over rounds of one round's speedup (``baseline`` and ``other``: per-round figures of ``compare``).
+
+    Pairing each round with itself cancels what the machine did during that round: a slow moment
+    slows both models of that round, and their ratio stays.
+    """
+    if not baseline or not other:
+        return None
+    ratios = [o / b if higher_is_faster else b / o for b, o in zip(baseline, other)]
+    return statistics.median(ratios)

@@ -48,10 +48,20 @@ def test_compare_times_in_round_robin_order_and_drops_the_warmup():
             expected += [("prefill", name)] * 2 + ([("decode", name)] if name != "encoder" else [])
     assert calls == expected
     timed = [i + 1 for i, call in enumerate(calls) if call == ("prefill", "dense")][2:]  # after the warm-up round
-    assert results["dense"]["prefill_ms"] == pytest.approx(sum(timed[2:4]) / 2)  # median of the 6 timed calls
+    per_round = [(timed[i] + timed[i + 1]) / 2 for i in (0, 2, 4)]  # the median of each round's two calls
+    assert results["dense"]["prefill_rounds_ms"] == pytest.approx(per_round)
+    assert results["dense"]["prefill_ms"] == pytest.approx(per_round[1])  # the median over the 3 timed rounds
     assert results["dense"]["prefill_spread_ms"] > 0
     assert results["encoder"]["decode_tokens_per_s"] is None and results["encoder"]["decode_spread"] is None
     assert results["pruned"]["rounds"] == 3
+
+
+def test_paired_speedup_is_the_median_of_each_rounds_ratio():
+    # round 2 was slow for both models; medians of the columns alone would read 100 / 60 = 1.67
+    dense, pruned = [100.0, 300.0, 90.0], [50.0, 150.0, 60.0]
+    assert timing.paired_speedup(dense, pruned, higher_is_faster=False) == pytest.approx(2.0)
+    assert timing.paired_speedup([10.0, 20.0], [15.0, 40.0], higher_is_faster=True) == pytest.approx(1.75)
+    assert timing.paired_speedup(None, [1.0], higher_is_faster=True) is None
 
 
 @pytest.mark.parametrize("argument,value", [("seq", 0), ("new_tokens", 0), ("rounds", 0), ("prefill_calls", 0),
