@@ -75,10 +75,10 @@ def attempt(step):
 def generate_tokens_per_second(model, ids, new_tokens: int) -> float:
     """Tokens per second of ``generate`` with a static KV cache (compiled by transformers), prefill included."""
     model.generation_config.cache_implementation = "static"
-    timing._sync(ids.device)
+    timing.synchronize(ids.device)
     start = time.perf_counter()
     model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    timing._sync(ids.device)
+    timing.synchronize(ids.device)
     return new_tokens / (time.perf_counter() - start)
 
 

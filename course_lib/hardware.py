@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .paths import REPO_ROOT
+from .timing import synchronize
 
 H200_FILE = REPO_ROOT / "data" / "h200_measurements.md"
 H200_SOURCE = "H200 measurements (data/h200_measurements.md)"
@@ -132,11 +133,6 @@ def cpu_threads(threads: int | None):
         torch.set_num_threads(previous)
 
 
-def _synchronize(device: str | torch.device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_call(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 2,
               device: str | torch.device = "cpu", threads: int | None = None) -> list[float]:
     """Seconds taken by each of ``repeats`` calls of ``fn``, after ``warmup`` untimed calls.
@@ -154,7 +150,7 @@ def time_call(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 2,
 def _time_call(fn, repeats: int, warmup: int, device) -> list[float]:
     for _ in range(warmup):
         fn()
-    _synchronize(device)
+    synchronize(device)
     times = []
     if torch.device(device).type == "cuda":
         for _ in range(repeats):

@@ -14,8 +14,7 @@ checkpoint written on one machine would be garbage on another.
 
 Both compute in bf16: on a CPU the two kernels are fast only for bf16 activations (a 1536 x 576
 decode step on a 2-core AVX512-BF16 EPYC: fp32 dense 0.066 ms, int4 with bf16 activations
-0.027 ms, int4 with fp32 activations 0.87 ms, measured with the script in ``benchmarks/speed.py``'s
-docstring), so a model that carries them runs in bf16 throughout.
+0.027 ms, int4 with fp32 activations 0.87 ms: ``benchmarks/speed.py --kernels``), so a model that carries them runs in bf16 throughout.
 """
 
 from __future__ import annotations
@@ -47,6 +46,13 @@ def check_int4_shape(name: str, in_features: int, out_features: int, group_size:
     if out_features % INT4_ROW_MULTIPLE:
         raise ValueError(f"the output width {out_features} of {name} is not a multiple of {INT4_ROW_MULTIPLE}, "
                          "which the CPU int4 kernel needs")
+
+
+def check_int8_shape(name: str, in_features: int) -> None:
+    """Raise ``ValueError`` naming the layer when the CPU int8 kernel cannot take its input width."""
+    if in_features % INT8_COLUMN_MULTIPLE:
+        raise ValueError(f"the input width {in_features} of {name} is not a multiple of {INT8_COLUMN_MULTIPLE}, which "
+                         f"the CPU int8 kernel needs; prune to multiples of {INT8_COLUMN_MULTIPLE}")
 
 
 def _nibbles(packed: torch.Tensor) -> torch.Tensor:
@@ -146,9 +152,7 @@ class Int8Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
-        if in_features % INT8_COLUMN_MULTIPLE:
-            raise ValueError(f"the input width {in_features} is not a multiple of {INT8_COLUMN_MULTIPLE}, which the "
-                             f"CPU int8 kernel needs; prune to multiples of {INT8_COLUMN_MULTIPLE}")
+        check_int8_shape("Int8Linear", in_features)
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.ones(out_features, dtype=COMPUTE_DTYPE))

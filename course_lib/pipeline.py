@@ -157,10 +157,11 @@ def _split(total: int, steps: int) -> list[int]:
 
 
 def _measure(name: str, model: nn.Module, task, config: PruningConfig, models: dict, flops: int | None = None,
-             timed: bool = True, **extra) -> Stage:
-    """The stage's size and quality now; a copy of its model goes into ``models`` to be timed with the others."""
+             timed: bool = True, changes_later: bool = True, **extra) -> Stage:
+    """The stage's size and quality now; its model goes into ``models`` to be timed with the others
+    (a copy, if the run goes on changing it in place)."""
     if timed:
-        models[name] = copy.deepcopy(model)
+        models[name] = copy.deepcopy(model) if changes_later else model
     return Stage(stage=name, params=count_parameters(model), weight_bytes=storage_bytes(model),
                  flops=forward_flops(model, 1, config.latency_seq) if flops is None else flops,
                  quality=task.quality(model), extra=extra)
@@ -323,8 +324,6 @@ QUANTIZED_NOTES = {
     "rtn": "round-to-nearest on the same INT4 grid, no calibration, weights kept in fp32: the quality AWQ has to "
            "beat; its speed is the fp32 model's",
 }
-
-
 CPU_KERNELS = ("int4", "int8")  # lowbit's layers run on PyTorch's CPU kernels only
 
 
@@ -358,7 +357,7 @@ def _quantized(model: nn.Module, task, config: PruningConfig, calib, out: Path, 
             quantized = lowbit.load(out / name).to("cpu" if name in CPU_KERNELS else device)
         timed = name not in CPU_KERNELS if device.type != "cpu" else name != "awq"
         stages.append(_measure(QUANTIZED_NAMES[name], quantized, task, config, models, flops, timed=timed,
-                               note=QUANTIZED_NOTES[name]))
+                               changes_later=False, note=QUANTIZED_NOTES[name]))
     return stages
 
 

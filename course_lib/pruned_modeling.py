@@ -353,6 +353,7 @@ _AUTO = {"AutoModel": AutoModel, "AutoModelForCausalLM": AutoModelForCausalLM,
          "AutoModelForSequenceClassification": AutoModelForSequenceClassification,
          "AutoModelForMaskedLM": AutoModelForMaskedLM}
 
+
 def auto_class_for(config):
     """The auto class that builds ``config``'s architecture (``...ForCausalLM`` -> ``AutoModelForCausalLM``)."""
     architecture = (getattr(config, "architectures", None) or [""])[0]

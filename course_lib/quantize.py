@@ -35,6 +35,11 @@ from .pruned_modeling import adapter_for
 AWQ_ROW_BATCH = 64  # autoawq 0.2.9 searches clipping ranges over output rows in batches of 64
 
 
+def _check_unquantized(model: nn.Module) -> None:
+    if getattr(model.config, "quantization_config", None) is not None:
+        raise ValueError("model is already quantized")
+
+
 def _block_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     """(module path, linear) for every linear inside the model's blocks, in order."""
     blocks = {id(block) for block in adapter_for(model).blocks(model)}
@@ -72,8 +77,7 @@ def _run_awq(model: nn.Module, calib, *, group_size: int, zero_point: bool, clip
 
     if adapter_for(model).name != "llama":
         raise ValueError(f"AWQ here supports the Llama family; got {adapter_for(model).name!r}")
-    if getattr(model.config, "quantization_config", None) is not None:
-        raise ValueError("model is already quantized")
+    _check_unquantized(model)
     calib = torch.as_tensor(calib)
     if calib.ndim != 2 or calib.shape[0] < 1 or calib.shape[1] < 2:
         raise ValueError(f"calib must be a LongTensor [N >= 1, T >= 2], got shape {tuple(calib.shape)}")
@@ -161,8 +165,7 @@ def rtn_int4(model: nn.Module, *, group_size: int = 64) -> nn.Module:
     rounded and stored back in fp32, so this is a quality reference, not a smaller model; the
     config is marked quantized so surgery refuses it like any other quantized model.
     """
-    if getattr(model.config, "quantization_config", None) is not None:
-        raise ValueError("model is already quantized")
+    _check_unquantized(model)
     _check_columns(model, group_size)
     with torch.no_grad():
         for _, linear in _block_linears(model):
@@ -198,20 +201,28 @@ def fake_quantize(weight: torch.Tensor, *, group_size: int, bits: int = 4) -> to
     return ((levels.reshape(rows, -1, group_size) - zeros[..., None]) * scales[..., None]).reshape(rows, cols)
 
 
-def _int8_head(model: nn.Module) -> dict:
-    """The LM head (if any) in INT8; tied input embeddings then read the same INT8 rows.
+def _output_head(model: nn.Module) -> nn.Linear | None:
+    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
 
-    Returns what ``lowbit.mark`` records of it.
-    """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None:
-        return {}
-    tied = head.weight is model.get_input_embeddings().weight
-    quantized = lowbit.Int8Linear.from_linear(head)
-    model.set_output_embeddings(quantized)
-    if tied:
-        model.set_input_embeddings(lowbit.Int8TiedEmbedding(quantized))
-    return {"tied_embeddings": tied}
+
+def _finish(model: nn.Module, scheme: str, **details) -> nn.Module:
+    """The LM head (if any) to INT8, tied input embeddings reading its rows, the rest to bf16; marked."""
+    head = _output_head(model)
+    if head is not None:
+        tied = head.weight is model.get_input_embeddings().weight
+        quantized = lowbit.Int8Linear.from_linear(head)
+        model.set_output_embeddings(quantized)
+        if tied:
+            model.set_input_embeddings(lowbit.Int8TiedEmbedding(quantized))
+        details["tied_embeddings"] = tied
+    model.to(lowbit.COMPUTE_DTYPE)
+    return lowbit.mark(model, scheme, **details).eval()
+
+
+def _check_int8_head(model: nn.Module) -> None:
+    head = _output_head(model)
+    if head is not None:
+        lowbit.check_int8_shape("the LM head", head.in_features)
 
 
 def int4(model: nn.Module, calib: torch.Tensor | None, *, group_size: int = 64) -> nn.Module:
@@ -225,20 +236,15 @@ def int4(model: nn.Module, calib: torch.Tensor | None, *, group_size: int = 64) 
     if calib is not None:
         awq_int4(model, calib, group_size=group_size)
         return awq_to_cpu_int4(model)
-    if getattr(model.config, "quantization_config", None) is not None:
-        raise ValueError("model is already quantized")
-    for name, linear in _block_linears(model):
+    _check_unquantized(model)
+    linears = _block_linears(model)
+    for name, linear in linears:
         lowbit.check_int4_shape(name, linear.in_features, linear.out_features, group_size)
-    for name, linear in _block_linears(model):
+    _check_int8_head(model)
+    for name, linear in linears:
         grid = quantize_groups(linear.weight.detach().float(), group_size=group_size)
         model.set_submodule(name, lowbit.Int4Linear.from_grid(*grid, bias=linear.bias))
-    return _int4_model(model, group_size, "rtn")
-
-
-def _int4_model(model: nn.Module, group_size: int, search: str) -> nn.Module:
-    head = _int8_head(model)
-    model.to(lowbit.COMPUTE_DTYPE)
-    return lowbit.mark(model, "int4", group_size=group_size, search=search, **head).eval()
+    return _finish(model, "int4", group_size=group_size, search="rtn")
 
 
 def awq_to_cpu_int4(model: nn.Module) -> nn.Module:
@@ -254,28 +260,30 @@ def awq_to_cpu_int4(model: nn.Module) -> nn.Module:
     config = getattr(model.config, "quantization_config", None) or {}
     if config.get("quant_method") != "awq":
         raise ValueError("model is not AWQ-quantized: run awq_int4 (or load_awq) first")
-    lowbit.check_int4_shape("the model", 2 * config["group_size"], 2 * lowbit.INT4_ROW_MULTIPLE, config["group_size"])
-    for name, layer in list(model.named_modules()):
-        if isinstance(layer, WQLinear_GEMM):
-            levels, zeros = reverse_awq_order(*unpack_awq(layer.qweight, layer.qzeros, 4), 4)
-            model.set_submodule(name, lowbit.Int4Linear.from_grid(
-                (levels & 15).t(), layer.scales.float().t(), (zeros & 15).t(), layer.bias))
-    return _int4_model(model, config["group_size"], "awq")
+    packed = [(name, layer) for name, layer in model.named_modules() if isinstance(layer, WQLinear_GEMM)]
+    for name, layer in packed:
+        lowbit.check_int4_shape(name, layer.in_features, layer.out_features, config["group_size"])
+    _check_int8_head(model)
+    for name, layer in packed:
+        levels, zeros = reverse_awq_order(*unpack_awq(layer.qweight, layer.qzeros, 4), 4)
+        model.set_submodule(name, lowbit.Int4Linear.from_grid(
+            (levels & 15).t(), layer.scales.float().t(), (zeros & 15).t(), layer.bias))
+    return _finish(model, "int4", group_size=config["group_size"], search="awq")
 
 
 def int8(model: nn.Module) -> nn.Module:
     """Weight-only INT8 (one scale per output row) on every block linear and the LM head, bf16 elsewhere; in place."""
-    if getattr(model.config, "quantization_config", None) is not None:
-        raise ValueError("model is already quantized")
-    for name, linear in _block_linears(model):
+    _check_unquantized(model)
+    linears = _block_linears(model)
+    for name, linear in linears:
+        lowbit.check_int8_shape(name, linear.in_features)
+    _check_int8_head(model)
+    for name, linear in linears:
         model.set_submodule(name, lowbit.Int8Linear.from_linear(linear))
-    head = _int8_head(model)
-    model.to(lowbit.COMPUTE_DTYPE)
-    return lowbit.mark(model, "int8", **head).eval()
+    return _finish(model, "int8")
 
 
 def bf16(model: nn.Module) -> nn.Module:
     """The whole model in bf16, in place: half the bytes of fp32, and bf16 matmuls where the CPU has them."""
-    if getattr(model.config, "quantization_config", None) is not None:
-        raise ValueError("model is already quantized")
+    _check_unquantized(model)
     return lowbit.mark(model.to(torch.bfloat16), "bf16").eval()

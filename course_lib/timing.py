@@ -40,18 +40,19 @@ def prompt(model: nn.Module, seq: int) -> torch.Tensor:
     return torch.randint(0, vocab, (1, seq), generator=torch.Generator().manual_seed(0)).to(device)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
+def synchronize(device: str | torch.device) -> None:
+    """Wait for the device's queued kernels (a GPU's work is asynchronous; a CPU's is not)."""
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
 def prefill_seconds(model: nn.Module, ids: torch.Tensor) -> float:
     """Seconds of one forward pass over ``ids``."""
-    _sync(ids.device)
+    synchronize(ids.device)
     start = time.perf_counter()
     model(ids)
-    _sync(ids.device)
+    synchronize(ids.device)
     return time.perf_counter() - start
 
 
@@ -60,12 +61,12 @@ def decode_tokens_per_second(model: nn.Module, ids: torch.Tensor, new_tokens: in
     """Greedy tokens per second over ``new_tokens`` steps with the KV cache, the prompt's prefill not timed."""
     out = model(ids, use_cache=True)
     past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    _sync(ids.device)
+    synchronize(ids.device)
     start = time.perf_counter()
     for _ in range(new_tokens):
         out = model(token, past_key_values=past, use_cache=True)
         past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    _sync(ids.device)
+    synchronize(ids.device)
     return new_tokens / (time.perf_counter() - start)
 
 

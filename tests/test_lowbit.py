@@ -58,8 +58,19 @@ def test_int8_layer_and_its_width_check():
     layer = lowbit.Int8Linear.from_linear(linear)
     x = torch.randn(7, 64)
     assert 0 < _relative_error(layer(x), linear(x).detach()) < 0.02
-    with pytest.raises(ValueError, match="the input width 24 is not a multiple of 16, which the CPU int8 kernel needs"):
+    with pytest.raises(ValueError, match="the input width 24 of Int8Linear is not a multiple of 16, which the CPU int8 "
+                                         "kernel needs"):
         lowbit.Int8Linear(24, 64)
+
+
+def test_a_width_the_int8_kernel_cannot_take_is_refused_before_any_layer_changes():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=40, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    with pytest.raises(ValueError, match="the input width 40 of model.layers.0.mlp.down_proj is not a multiple of 16"):
+        int8(model)
+    assert all(type(m) is nn.Linear for name, m in model.named_modules() if name.endswith("_proj"))
+    assert getattr(model.config, "quantization_config", None) is None
 
 
 def _llama():
