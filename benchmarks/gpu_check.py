@@ -6,7 +6,7 @@
 The model has SmolLM2-135M's shapes (30 layers, 9 query / 3 KV heads, FFN 1536) with random
 weights: latency does not depend on the values, and the embedded weights are not carried to the
 GPU machine. Exactness is checked in fp32. Speed, pruned against dense in bf16, timed side by side
-in interleaved rounds (``course_lib.timing.compare``): prefill and decode in eager mode; decode
+taking turns (``course_lib.timing.compare``): prefill and decode in eager mode; decode
 again through ``generate`` with a static KV cache, which transformers compiles (CUDA graphs); and
 autoawq's INT4 GEMM layers against bf16 (their CUDA kernels need autoawq's ``awq_ext``; without it
 the layers dequantise in plain torch, and the output says which ran). A step that fails on the
@@ -72,14 +72,18 @@ def attempt(step):
         return {"error": f"{type(error).__name__}: {error}"}
 
 
-def generate_tokens_per_second(model, ids, new_tokens: int) -> float:
-    """Tokens per second of ``generate`` with a static KV cache (compiled by transformers), prefill included."""
+def generate_steps(model, ids, new_tokens: int):
+    """``timing.compare``'s decode timer for ``generate`` with a static KV cache (compiled by
+    transformers): the whole generation is timed at once, prefill included, and each of its
+    ``new_tokens`` steps is reported as the mean step, so these models take turns generation by
+    generation, not token by token."""
     model.generation_config.cache_implementation = "static"
     timing.synchronize(ids.device)
     start = time.perf_counter()
     model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     timing.synchronize(ids.device)
-    return new_tokens / (time.perf_counter() - start)
+    step = (time.perf_counter() - start) / new_tokens
+    yield from [step] * new_tokens
 
 
 def awq_against_bf16(pruned, bf16_model, calib, seq: int, new_tokens: int, rounds: int) -> dict:
@@ -147,11 +151,11 @@ def main() -> None:
     results["ideal_prefill_speedup_from_flops"] = forward_flops(m16["dense"], 1, seq) / forward_flops(m16["pruned"], 1, seq)
     results["ideal_decode_speedup_from_bytes"] = storage_bytes(m16["dense"]) / storage_bytes(m16["pruned"])
     eager = results["speed_bf16_eager"]
-    results["speedup_eager"] = {"prefill": eager["dense"]["prefill_ms"] / eager["pruned"]["prefill_ms"],
-                                "decode": eager["pruned"]["decode_tokens_per_s"] / eager["dense"]["decode_tokens_per_s"]}
+    results["speedup_eager"] = {mode: timing.paired_speedup(eager["dense"][key], eager["pruned"][key])
+                                for mode, key in (("prefill", "prefill_samples_ms"), ("decode", "decode_step_ms"))}
     results["speed_bf16_static_cache_compiled"] = attempt(lambda: timing.compare(
         m16, seq=seq, new_tokens=new_tokens, rounds=rounds, warmup=2,
-        timers=(timing.prefill_seconds, generate_tokens_per_second)))
+        timers=(timing.prefill_seconds, generate_steps)))
     results["awq_against_bf16"] = attempt(lambda: awq_against_bf16(model, m16["pruned"], calib, seq, new_tokens,
                                                                     rounds))
 

@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/speed.py                      # both embedded models, 7 rounds
     .venv/bin/python benchmarks/speed.py --models smollm2 --rounds 7 --json speed.json
 
-One run, all variants of one model timed together by ``course_lib.timing.compare`` (interleaved
-rounds, median and interquartile range), so a slow moment of the machine falls on all alike:
+One run, all variants of one model timed together by ``course_lib.timing.compare`` (taking turns
+pass by pass and token by token, median and interquartile range), so a slow moment of the machine
+falls on all alike:
 
 * structure (fp32): dense; 20% of the layers dropped; one KV group of three dropped in every
   layer (3 of 9 query heads; for MiniLM 3 of 12 heads); FFN 1536 -> 1152 (aligned to 64) and
@@ -116,7 +117,7 @@ def variants(model, decoder: bool) -> dict:
 
 
 def table(models: dict, results: dict, seq: int) -> list[dict]:
-    """Rows of measured (median of each round's ratio, ``timing.paired_speedup``) and ideal speedups."""
+    """Rows of measured (median ratio of neighbouring samples, ``timing.paired_speedup``) and ideal speedups."""
     dense = models["dense"]
     dense_flops, dense_bytes = forward_flops(dense, 1, seq), storage_bytes(dense)
     flops = {name: forward_flops(m, 1, seq) for name, m in models.items() if "," not in name}
@@ -126,12 +127,10 @@ def table(models: dict, results: dict, seq: int) -> list[dict]:
         r = results[name]
         row_flops = flops.get(name, flops["combined"])  # low-bit: the same arithmetic as the model they round
         row = {"variant": name, "weight_mb": storage_bytes(model) / 1e6, **r,
-               "prefill_speedup": timing.paired_speedup(base["prefill_rounds_ms"], r["prefill_rounds_ms"],
-                                                        higher_is_faster=False),
+               "prefill_speedup": timing.paired_speedup(base["prefill_samples_ms"], r["prefill_samples_ms"]),
                "prefill_ideal": dense_flops / row_flops}
         if r["decode_tokens_per_s"] is not None:
-            row["decode_speedup"] = timing.paired_speedup(base["decode_rounds"], r["decode_rounds"],
-                                                          higher_is_faster=True)
+            row["decode_speedup"] = timing.paired_speedup(base["decode_step_ms"], r["decode_step_ms"])
             row["decode_ideal"] = dense_bytes / storage_bytes(model)
         rows.append(row)
     return rows

@@ -146,8 +146,8 @@ class Stage:
     prefill_spread_ms: float | None = None
     decode_tokens_per_s: float | None = None
     decode_spread: float | None = None
-    prefill_rounds_ms: list[float] | None = None  # per timed round, for speedups paired by round
-    decode_rounds: list[float] | None = None
+    prefill_samples_ms: list[float] | None = None  # every timed pass and step, for speedups paired by sample
+    decode_step_ms: list[float] | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -176,7 +176,7 @@ def _time_stages(history: list[Stage], models: dict, config: PruningConfig, prog
             r = results[stage.stage]
             stage.prefill_ms, stage.prefill_spread_ms = r["prefill_ms"], r["prefill_spread_ms"]
             stage.decode_tokens_per_s, stage.decode_spread = r["decode_tokens_per_s"], r["decode_spread"]
-            stage.prefill_rounds_ms, stage.decode_rounds = r["prefill_rounds_ms"], r["decode_rounds"]
+            stage.prefill_samples_ms, stage.decode_step_ms = r["prefill_samples_ms"], r["decode_step_ms"]
 
 
 def _alignment(config: PruningConfig) -> dict:
@@ -364,15 +364,15 @@ def _quantized(model: nn.Module, task, config: PruningConfig, calib, out: Path, 
 def speed_rows(history: list[Stage]) -> list[dict]:
     """Per stage, measured and ideal speedups against the dense model.
 
-    Measured: the median over rounds of each round's ratio (``timing.paired_speedup``). Prefill is
+    Measured: the median of the ratios of neighbouring samples (``timing.paired_speedup``). Prefill is
     compute-bound, so its ideal is the FLOP ratio; decode reads every weight once per token, so
     its ideal is the weight-byte ratio. None where a stage was not timed.
     """
     dense = history[0]
     rows = []
     for s in history:
-        prefill = timing.paired_speedup(dense.prefill_rounds_ms, s.prefill_rounds_ms, higher_is_faster=False)
-        decode = timing.paired_speedup(dense.decode_rounds, s.decode_rounds, higher_is_faster=True)
+        prefill = timing.paired_speedup(dense.prefill_samples_ms, s.prefill_samples_ms)
+        decode = timing.paired_speedup(dense.decode_step_ms, s.decode_step_ms)
         rows.append({"stage": s.stage, "prefill_speedup": prefill, "prefill_ideal": dense.flops / s.flops,
                      "decode_speedup": decode, "decode_ideal": dense.weight_bytes / s.weight_bytes})
     return rows
@@ -384,13 +384,14 @@ def _write_report(config: PruningConfig, quality_name: str, history: list[Stage]
     rows = speed_rows(history)
     (out / "history.json").write_text(json.dumps({"config": asdict(config), "history": [asdict(s) for s in history],
                                                   "speed": rows}, indent=2))
-    speed = (f"Speed: every stage's model timed side by side at the end of the run, {config.timing_rounds} interleaved "
-             "rounds after a warm-up round, median (interquartile range) over rounds, "
+    speed = (f"Speed: every stage's model timed side by side at the end of the run, {config.timing_rounds} rounds "
+             f"after a warm-up round, the models taking turns pass by pass and token by token, "
              f"{torch.get_num_threads()} threads. Prefill: a forward pass of 1 x {config.latency_seq} tokens "
-             f"({timing.PREFILL_CALLS} per model and round); its ideal speedup is the FLOP ratio. Decode: "
-             f"{config.decode_tokens} greedy tokens at batch 1 with the KV cache after a {config.latency_seq}-token "
-             "prompt; its ideal speedup is the weight-byte ratio (each token reads every weight once). Speedups "
-             "against the dense model are the median of each round's ratio; measured / ideal in brackets.")
+             f"({timing.PREFILL_CALLS} per model and round), median (interquartile range) over passes; its ideal "
+             f"speedup is the FLOP ratio. Decode: {config.decode_tokens} greedy tokens per round at batch 1 with the "
+             f"KV cache after a {config.latency_seq}-token prompt, 1000 / the median step in ms (IQR over steps); its "
+             "ideal speedup is the weight-byte ratio (each token reads every weight once). Speedups against the "
+             "dense model are the median ratio of neighbouring samples; measured / ideal in brackets.")
     lines = [f"# Pruning report: {config.model} ({config.profile} profile)", "", speed, "",
              "| stage | params | weights MB | prefill ms (IQR) | prefill speedup | decode tok/s (IQR) "
              f"| decode speedup | {quality_name} |",

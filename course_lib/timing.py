@@ -1,15 +1,19 @@
-"""Models timed side by side: prefill and decode, in interleaved rounds, median and spread.
+"""Models timed side by side: prefill and decode, interleaved pass by pass and token by token.
 
 A model timed once, when its stage happens, is timed on a machine whose state keeps changing
 (caches, frequency, other processes): one demo run reported the pruned and the recovered model,
-of identical shapes, 40% apart. Here every model runs once per round, the rounds rotate who goes
-first, and each figure is the median over rounds, so slow moments fall on all models alike.
+of identical shapes, 40% apart. On a shared 2-core machine the same forward pass drifts from
+280 to 450 ms within seconds, so even models timed a few seconds apart are not compared fairly.
+Here the models take turns at the finest step there is: one prefill pass each, in a rotating
+order, then one decode token each, every model holding its own KV cache. A slow moment then falls
+on neighbouring samples of every model, and a speedup is the median of the ratios of those
+neighbours (``paired_speedup``).
 
 * prefill: one forward pass over 1 x ``seq`` tokens (ms). Compute-bound: its ideal speedup is
   the FLOP ratio.
-* decode: tokens per second for ``new_tokens`` greedy steps at batch 1 with the KV cache, after
-  an untimed prefill of the same prompt. Each step reads every weight once, so on a CPU it is
-  bandwidth-bound: its ideal speedup is the weight-byte ratio.
+* decode: one greedy step at batch 1 with the KV cache, after an untimed prefill of the same
+  prompt; tokens per second = 1000 / the median step in ms. Each step reads every weight once,
+  so on a CPU it is bandwidth-bound: its ideal speedup is the weight-byte ratio.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import itertools
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -56,18 +60,21 @@ def prefill_seconds(model: nn.Module, ids: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-@torch.no_grad()
-def decode_tokens_per_second(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> float:
-    """Greedy tokens per second over ``new_tokens`` steps with the KV cache, the prompt's prefill not timed."""
-    out = model(ids, use_cache=True)
+def decode_steps(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> Iterator[float]:
+    """Seconds of each of ``new_tokens`` greedy steps with the KV cache, one per ``next``; the prompt's
+    prefill (run at the first ``next``) is not timed. A generator, so that ``compare`` can step
+    several models in turn."""
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
     past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    synchronize(ids.device)
-    start = time.perf_counter()
     for _ in range(new_tokens):
-        out = model(token, past_key_values=past, use_cache=True)
+        synchronize(ids.device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model(token, past_key_values=past, use_cache=True)
         past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    synchronize(ids.device)
-    return new_tokens / (time.perf_counter() - start)
+        synchronize(ids.device)
+        yield time.perf_counter() - start
 
 
 def generates(model: nn.Module) -> bool:
@@ -83,16 +90,19 @@ def _median_and_spread(values: list[float]) -> tuple[float, float]:
 
 def compare(models: dict[str, nn.Module], *, seq: int = 128, new_tokens: int = 32, rounds: int = 5,
             warmup: int = 1, prefill_calls: int = PREFILL_CALLS, progress: bool = False,
-            timers: tuple[Callable, Callable] = (prefill_seconds, decode_tokens_per_second)) -> dict[str, dict]:
+            timers: tuple[Callable, Callable] = (prefill_seconds, decode_steps)) -> dict[str, dict]:
     """Time every model in ``models`` side by side; returns per name ``prefill_ms``, ``prefill_spread_ms``
-    (median and interquartile range over rounds) and, for models that generate, ``decode_tokens_per_s`` and
-    ``decode_spread`` (None for encoders).
+    (median and interquartile range over all timed passes) and, for models that generate,
+    ``decode_tokens_per_s`` and ``decode_spread`` (1000 / the median step in ms, and the IQR of the
+    steps' rates; None for encoders).
 
-    ``warmup`` untimed rounds come first (caches, lazy kernels). Each visit times ``prefill_calls``
-    forward passes (cheap next to decoding, and single passes on a shared 2-core machine scatter by
-    10%) and keeps their median. The per-round figures come back too (``prefill_rounds_ms``,
-    ``decode_rounds``) for ``paired_speedup``. ``timers`` are the prefill and decode measurements,
-    replaceable for tests.
+    A round is ``prefill_calls`` passes of each model, taking turns pass by pass, then one
+    generation of ``new_tokens`` tokens per model, taking turns token by token; the rounds rotate
+    who goes first, and ``warmup`` untimed rounds come first (caches, lazy kernels). Every timed
+    sample comes back in the order taken (``prefill_samples_ms``, ``decode_step_ms``), so sample
+    i of one model sits next to sample i of another, for ``paired_speedup``. ``timers`` are the
+    prefill pass (seconds) and the decode steps (a generator of seconds per step, as
+    ``decode_steps``), replaceable for tests.
     """
     for name, value in (("seq", seq), ("new_tokens", new_tokens), ("rounds", rounds),
                         ("prefill_calls", prefill_calls)):
@@ -105,37 +115,44 @@ def compare(models: dict[str, nn.Module], *, seq: int = 128, new_tokens: int = 3
     prompts = {name: prompt(model, seq) for name, model in models.items()}
     samples: dict[str, dict[str, list[float]]] = {name: {"prefill": [], "decode": []} for name in names}
     schedule = round_robin(names, warmup + rounds)
-    bar = tqdm(total=len(schedule) * len(names), desc="timing", disable=not progress)
+    bar = tqdm(total=len(schedule) * (prefill_calls + new_tokens), desc="timing", disable=not progress)
     for index, order in enumerate(schedule):
-        for name in order:
-            model, ids = models[name], prompts[name]
-            seconds = [prefill(model, ids) for _ in range(prefill_calls)]
-            speed = decode(model, ids, new_tokens) if generates(model) else None
-            if index >= warmup:
-                samples[name]["prefill"].append(statistics.median(seconds) * 1e3)
-                if speed is not None:
-                    samples[name]["decode"].append(speed)
+        timed = index >= warmup
+        for _ in range(prefill_calls):
+            for name in order:
+                seconds = prefill(models[name], prompts[name])
+                if timed:
+                    samples[name]["prefill"].append(seconds * 1e3)
+            bar.update()
+        steppers = {name: decode(models[name], prompts[name], new_tokens) for name in order if generates(models[name])}
+        for _ in range(new_tokens):
+            for name, steps in steppers.items():
+                seconds = next(steps)
+                if timed:
+                    samples[name]["decode"].append(seconds * 1e3)
             bar.update()
     bar.close()
     results = {}
     for name in names:
         prefill_ms, prefill_spread = _median_and_spread(samples[name]["prefill"])
-        decode_rate, decode_spread = (_median_and_spread(samples[name]["decode"]) if samples[name]["decode"]
-                                      else (None, None))
+        steps = samples[name]["decode"]
+        decode_rate, decode_spread = ((1e3 / statistics.median(steps), _median_and_spread([1e3 / s for s in steps])[1])
+                                      if steps else (None, None))
         results[name] = {"prefill_ms": prefill_ms, "prefill_spread_ms": prefill_spread,
                          "decode_tokens_per_s": decode_rate, "decode_spread": decode_spread, "rounds": rounds,
-                         "prefill_rounds_ms": samples[name]["prefill"],
-                         "decode_rounds": samples[name]["decode"] or None}
+                         "prefill_samples_ms": samples[name]["prefill"], "decode_step_ms": steps or None}
     return results
 
 
-def paired_speedup(baseline: list[float] | None, other: list[float] | None, *, higher_is_faster: bool) -> float | None:
-    """Median over rounds of one round's speedup (``baseline`` and ``other``: per-round figures of ``compare``).
+def paired_speedup(baseline: list[float] | None, other: list[float] | None) -> float | None:
+    """The median over samples of ``baseline[i] / other[i]``: per-sample times (ms) of two models from
+    ``compare``, sample i of each taken one after the other.
 
-    Pairing each round with itself cancels what the machine did during that round: a slow moment
-    slows both models of that round, and their ratio stays.
+    Pairing neighbours cancels what the machine did at that moment: a slow second slows both
+    samples of a pair, and their ratio stays.
     """
     if not baseline or not other:
         return None
-    ratios = [o / b if higher_is_faster else b / o for b, o in zip(baseline, other)]
-    return statistics.median(ratios)
+    if len(baseline) != len(other):
+        raise ValueError(f"paired samples must be as many on both sides, got {len(baseline)} and {len(other)}")
+    return statistics.median(b / o for b, o in zip(baseline, other))

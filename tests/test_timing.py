@@ -27,7 +27,7 @@ class _Fake(nn.Module):
         return self._generates
 
 
-def test_compare_times_in_round_robin_order_and_drops_the_warmup():
+def test_compare_takes_turns_pass_by_pass_and_token_by_token_and_drops_the_warmup():
     models = {"dense": _Fake(True), "pruned": _Fake(True), "encoder": _Fake(False)}
     names = {id(m): n for n, m in models.items()}
     calls = []
@@ -37,31 +37,35 @@ def test_compare_times_in_round_robin_order_and_drops_the_warmup():
         return len(calls) / 1e3  # grows with every call: the warm-up round is the fastest
 
     def decode(model, ids, new_tokens):
-        calls.append(("decode", names[id(model)]))
-        return 100.0 * len(calls)
+        for step in range(new_tokens):
+            calls.append((f"step {step}", names[id(model)]))
+            yield len(calls) / 1e3
 
     results = timing.compare(models, seq=4, new_tokens=2, rounds=3, warmup=1, prefill_calls=2,
                              timers=(prefill, decode))
     expected = []
     for order in timing.round_robin(list(models), 4):
-        for name in order:
-            expected += [("prefill", name)] * 2 + ([("decode", name)] if name != "encoder" else [])
+        expected += [("prefill", name) for _ in range(2) for name in order]
+        expected += [(f"step {step}", name) for step in range(2) for name in order if name != "encoder"]
     assert calls == expected
-    timed = [i + 1 for i, call in enumerate(calls) if call == ("prefill", "dense")][2:]  # after the warm-up round
-    per_round = [(timed[i] + timed[i + 1]) / 2 for i in (0, 2, 4)]  # the median of each round's two calls
-    assert results["dense"]["prefill_rounds_ms"] == pytest.approx(per_round)
-    assert results["dense"]["prefill_ms"] == pytest.approx(per_round[1])  # the median over the 3 timed rounds
+    dense_passes = [float(i + 1) for i, call in enumerate(calls) if call == ("prefill", "dense")][2:]  # after warm-up
+    assert results["dense"]["prefill_samples_ms"] == pytest.approx(dense_passes)
+    assert results["dense"]["prefill_ms"] == pytest.approx(sum(sorted(dense_passes)[2:4]) / 2)  # median of 6
     assert results["dense"]["prefill_spread_ms"] > 0
-    assert results["encoder"]["decode_tokens_per_s"] is None and results["encoder"]["decode_spread"] is None
+    dense_steps = [float(i + 1) for i, call in enumerate(calls) if call[0].startswith("step") and call[1] == "dense"][2:]
+    assert results["dense"]["decode_step_ms"] == pytest.approx(dense_steps)
+    assert results["dense"]["decode_tokens_per_s"] == pytest.approx(1e3 / ((dense_steps[2] + dense_steps[3]) / 2))
+    assert results["encoder"]["decode_tokens_per_s"] is None and results["encoder"]["decode_step_ms"] is None
     assert results["pruned"]["rounds"] == 3
 
 
-def test_paired_speedup_is_the_median_of_each_rounds_ratio():
-    # round 2 was slow for both models; medians of the columns alone would read 100 / 60 = 1.67
+def test_paired_speedup_is_the_median_ratio_of_neighbouring_samples():
+    # the second pair fell in a slow moment for both models; medians of the columns alone would read 100 / 60 = 1.67
     dense, pruned = [100.0, 300.0, 90.0], [50.0, 150.0, 60.0]
-    assert timing.paired_speedup(dense, pruned, higher_is_faster=False) == pytest.approx(2.0)
-    assert timing.paired_speedup([10.0, 20.0], [15.0, 40.0], higher_is_faster=True) == pytest.approx(1.75)
-    assert timing.paired_speedup(None, [1.0], higher_is_faster=True) is None
+    assert timing.paired_speedup(dense, pruned) == pytest.approx(2.0)
+    assert timing.paired_speedup(None, [1.0]) is None
+    with pytest.raises(ValueError, match="as many on both sides, got 2 and 1"):
+        timing.paired_speedup([1.0, 2.0], [1.0])
 
 
 @pytest.mark.parametrize("argument,value", [("seq", 0), ("new_tokens", 0), ("rounds", 0), ("prefill_calls", 0),
@@ -80,7 +84,9 @@ def test_decode_runs_exactly_the_asked_steps_with_the_cache():
                                           with_kwargs=True)
     ids = timing.prompt(model, 6)
     assert ids.shape == (1, 6) and torch.equal(ids, timing.prompt(model, 6))  # seeded: the same for every model
-    assert timing.decode_tokens_per_second(model, ids, 5) > 0
-    assert lengths == [6, 1, 1, 1, 1, 1]  # one prefill, then one token per step
+    steps = timing.decode_steps(model, ids, 5)
+    assert lengths == []  # a generator: nothing runs before the first step is asked for
+    assert next(steps) > 0 and lengths == [6, 1]  # the untimed prefill, then the first step
+    assert len(list(steps)) == 4 and lengths == [6, 1, 1, 1, 1, 1]  # one token per step with the cache
     assert timing.prefill_seconds(model, ids) > 0
     assert timing.generates(model) and not timing.generates(nn.Linear(2, 2))
