@@ -95,3 +95,6 @@ def test_schedule_explorer_headless(bert):
     assert explorer.current.seed == 1 and "final accuracy 0.650" in explorer.label.value
     with pytest.raises(CheckFailed, match="no run with rounds=3"):
         explorer.update(3, 0)
+    del explorer.histories[(1, 1)]
+    explorer.rounds.value = 1  # a schedule not repeated with this seed: said, not raised
+    assert "were not run with seed 1" in explorer.label.value and explorer.current.rounds == 2

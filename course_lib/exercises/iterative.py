@@ -136,8 +136,14 @@ class ScheduleExplorer:
         self.widget = widgets.VBox([widgets.HBox([self.rounds, self.seed]), self.label, self.output])
         self.current: ScheduleView | None = None
         for control in (self.rounds, self.seed):
-            control.observe(lambda change: self.update(self.rounds.value, self.seed.value), names="value")
+            control.observe(self._on_change, names="value")
         self.update(self.rounds.value, self.seed.value)
+
+    def _on_change(self, change) -> None:
+        if (self.rounds.value, self.seed.value) in self.histories:
+            self.update(self.rounds.value, self.seed.value)
+        else:  # not every schedule is repeated with every seed
+            self.label.value = f"{self.rounds.value} round(s) were not run with seed {self.seed.value}"
 
     def update(self, rounds: int, seed: int) -> ScheduleView:
         check((rounds, seed) in self.histories, f"no run with rounds={rounds}, seed={seed}")
