@@ -10,7 +10,6 @@ chosen).
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ def _minilm_heads(profile: Profile, fraction: float) -> tuple:
     calib = sentiment_batches(tokenizer, "train", n=8 * profile.calib_samples, batch_size=16)
     scores = head_scores(model, calib, "taylor", progress=False)
     plan = select_heads(model, scores, fraction=fraction, protect_first=1, protect_last=1, min_heads=2, multiple=64)
-    return apply_plan(copy.deepcopy(model), plan), tokenizer, plan.to_dict()
+    return apply_plan(model, plan), tokenizer, plan.to_dict()
 
 
 def _smollm2_layers(profile: Profile, count: int) -> tuple:

@@ -14,7 +14,8 @@ checkpoint written on one machine would be garbage on another.
 
 Both compute in bf16: on a CPU the two kernels are fast only for bf16 activations (a 1536 x 576
 decode step on a 2-core AVX512-BF16 EPYC: fp32 dense 0.066 ms, int4 with bf16 activations
-0.027 ms, int4 with fp32 activations 0.87 ms: ``benchmarks/speed.py --kernels``), so a model that carries them runs in bf16 throughout.
+0.027 ms, int4 with fp32 activations 0.87 ms: ``benchmarks/speed.py --kernels``), so a model
+that carries them runs in bf16 throughout.
 """
 
 from __future__ import annotations

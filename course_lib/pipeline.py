@@ -151,7 +151,7 @@ class Stage:
     extra: dict = field(default_factory=dict)
 
 
-def _split(total: int, steps: int) -> list[int]:
+def split_budget(total: int, steps: int) -> list[int]:
     """``total`` structures spread over ``steps`` rounds as evenly as integers allow."""
     return [total * (i + 1) // steps - total * i // steps for i in range(steps)]
 
@@ -272,8 +272,8 @@ def run(config: PruningConfig, out_dir: str | Path, progress: bool = True, task=
     dense_blocks = block_parameters(model)
     plans = []
     for step, (n_layers, n_heads, n_neurons, tokens) in enumerate(zip(
-            _split(config.layers, config.steps), _split(heads_total, config.steps),
-            _split(neurons_total, config.steps), _split(tokens_total, config.steps)), start=1):
+            split_budget(config.layers, config.steps), split_budget(heads_total, config.steps),
+            split_budget(neurons_total, config.steps), split_budget(tokens_total, config.steps)), start=1):
         if config.param_fraction:
             # each round removes its share of the *dense* budget, as a fraction of what is left now
             still = config.param_fraction * dense_blocks * step / config.steps - (dense_blocks - block_parameters(model))
@@ -324,6 +324,8 @@ QUANTIZED_NOTES = {
     "rtn": "round-to-nearest on the same INT4 grid, no calibration, weights kept in fp32: the quality AWQ has to "
            "beat; its speed is the fp32 model's",
 }
+
+
 CPU_KERNELS = ("int4", "int8")  # lowbit's layers run on PyTorch's CPU kernels only
 
 

@@ -16,14 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..pipeline import split_budget  # the pipeline's split of a total over rounds
 from . import check
-
-
-def split_budget(total: int, rounds: int) -> list[int]:
-    """``total`` units over ``rounds`` rounds as evenly as integers allow (the pipeline's split)."""
-    from ..pipeline import _split
-
-    return _split(total, rounds)
 
 
 def check_split(fn: Callable[[int, int], list[int]]) -> None:
@@ -79,7 +73,8 @@ def head_rounds(model: nn.Module, total: int, rounds: int, tokens: int, *, calib
         cut = [(layer, alive[layer][h]) for layer, heads in sorted(plan.heads.items()) for h in heads]
         apply_plan(model, plan)
         for layer, heads in plan.heads.items():
-            alive[layer] = [d for i, d in enumerate(alive[layer]) if i not in set(heads)]
+            gone = set(heads)
+            alive[layer] = [d for i, d in enumerate(alive[layer]) if i not in gone]
         removed += len(cut)
         after_prune = quality(model)
         after_recovery = None
@@ -125,7 +120,7 @@ class ScheduleExplorer:
     def __init__(self, histories: dict, dense: float, *, quality_name: str = "accuracy", draw: bool = True):
         import ipywidgets as widgets
 
-        keys = [k for k in histories if isinstance(k[0], int)]
+        keys = list(histories)
         check(len(keys) > 0, "histories must hold {(rounds, seed): rounds of head_rounds}, non-empty")
         self.histories, self.dense, self.quality_name, self.draw, self.figure = histories, dense, quality_name, draw, None
         self.rounds = widgets.SelectionSlider(options=sorted({k[0] for k in keys}), description="rounds",

@@ -56,7 +56,12 @@ def check_distillation_loss(fn: Callable[[torch.Tensor, torch.Tensor, float], to
               f"return a scalar tensor (the mean over positions), got {got!r:.80}")
         got = float(got)
         want = float(distillation_loss(student, teacher, temperature))
-        if abs(got - want) <= 1e-4 * max(1.0, abs(want)):
+        tolerance = 1e-4 * max(1.0, abs(want))  # one tolerance for every comparison below
+
+        def matches(value: float) -> bool:
+            return abs(got - value) <= tolerance
+
+        if matches(want):
             continue
         known = {
             "multiply by temperature ** 2: softened targets give gradients 1/T^2 as large (Hinton et al. 2015), "
@@ -67,13 +72,12 @@ def check_distillation_loss(fn: Callable[[torch.Tensor, torch.Tensor, float], to
             "the softmax": dict(soften=False),
         }
         for message, variant in known.items():
-            if abs(got - float(_reference_kl(student, teacher, temperature, **variant))) <= 1e-4 * max(1.0, abs(want)):
-                raise AssertionError(f"at temperature {temperature}: {message}")
+            check(not matches(float(_reference_kl(student, teacher, temperature, **variant))),
+                  f"at temperature {temperature}: {message}")
         per_element = float(_reference_kl(student, teacher, temperature)) / student.shape[-1]
-        if abs(got - per_element) <= 1e-4 * max(1.0, abs(want)):
-            raise AssertionError(f"at temperature {temperature}: sum the KL over the vocabulary and average over "
-                                 "positions (batch x positions), not over every element")
-        raise AssertionError(f"at temperature {temperature}: expected {want:.6f}, got {got:.6f}")
+        check(not matches(per_element), f"at temperature {temperature}: sum the KL over the vocabulary and "
+                                         "average over positions (batch x positions), not over every element")
+        check(False, f"at temperature {temperature}: expected {want:.6f}, got {got:.6f}")
 
 
 @dataclass
