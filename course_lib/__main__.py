@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 
+from .errors import CourseError
 from .pipeline import QUANTIZERS, PruningConfig, run
 
 DEMO = PruningConfig(model="smollm2-135m", param_fraction=0.2)  # every format in PruningConfig.quantize
@@ -46,7 +48,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+FLAGS = {f.name: "--" + f.name.replace("_", "-") for f in dataclasses.fields(PruningConfig)}
+_ASSIGNED = re.compile(r"(?<![\w-])(" + "|".join(FLAGS) + r")=")
+
+
+def _one_line(error: CourseError) -> str:
+    """The error as the CLI says it: one line, the settings it names written as the flags that set them.
+
+    The package speaks of config fields (``head_fraction=0.99``), the user typed flags
+    (``--head-fraction 0.99``): every ``field=`` becomes ``--flag=``, and so does the setting the
+    error is about (``SettingError.setting``) where the message starts with it.
+    """
+    message = " ".join(str(error).split())
+    setting = getattr(error, "setting", None)
+    if setting in FLAGS and message.startswith(setting):
+        message = FLAGS[setting] + message[len(setting):]
+    return "error: " + _ASSIGNED.sub(lambda match: FLAGS[match.group(1)] + "=", message)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; exit code 2 with one line on stderr for anything the package refuses on purpose, as argparse does."""
     args = _parser().parse_args(argv)
     try:
         if args.command == "demo":
@@ -55,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             values = {f.name: getattr(args, f.name) for f in dataclasses.fields(PruningConfig)}
             config = PruningConfig(**{**values, "quantize": tuple(values["quantize"])})
         history = run(config, args.out)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except CourseError as error:
+        print(_one_line(error), file=sys.stderr)
         return 2
     print(open(f"{args.out}/report.md").read())
     return 0 if history else 1

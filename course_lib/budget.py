@@ -32,13 +32,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import SettingError
 from ._hooks import BlockStream
 from .importance._calibration import per_block
 from .plan import PruningPlan
 from .pruned_modeling import adapter_for
 from .reconstruction import DEFAULT_RIDGE, Gram, augmented_weight, obs_cost, removal_path
 
-__all__ = ["LayerSensitivity", "Sensitivity", "block_parameters", "sensitivity", "plan_for_budget"]
+__all__ = ["BudgetRequest", "LayerSensitivity", "Sensitivity", "block_parameters", "check_budget", "sensitivity",
+           "plan_for_budget"]
 
 
 @dataclass
@@ -65,7 +67,7 @@ class Sensitivity:
 
 def _check_fraction(fraction) -> None:
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.floating)) or not 0 < fraction < 1:
-        raise ValueError(f"fraction must be a number in (0, 1) (a share of the block parameters), got {fraction!r}")
+        raise SettingError(f"fraction must be a number in (0, 1) (a share of the block parameters), got {fraction!r}")
 
 
 def block_parameters(model: nn.Module) -> int:
@@ -189,39 +191,47 @@ def _layer_options(s: LayerSensitivity, n_inter: int, head_dim: int, align: int,
     return options
 
 
-def plan_for_budget(model: nn.Module, calib=None, *, fraction: float, protect_first: int = 1,
-                    protect_last: int = 1, multiple: int = 64, quant_group_size: int | None = None,
-                    min_heads: int = 1, min_neurons: int | None = None, max_neuron_fraction: float = 0.75,
-                    allow: tuple[str, ...] = ("layers", "heads", "neurons"), sens: Sensitivity | None = None,
-                    progress: bool = True) -> PruningPlan:
-    """A validated plan removing at least ``fraction`` of the block parameters at the least measured cost.
+@dataclass(frozen=True)
+class BudgetRequest:
+    """What ``check_budget`` derived from the arguments: the parameters to remove and the rules they obey."""
 
-    Everything is checked before any scoring work. ``allow`` restricts the kinds of structure the
-    planner may use (for example ``("neurons",)`` for width-only MLP pruning). ``min_neurons``
-    defaults to ``multiple``: an MLP keeps at least one aligned block.
+    target: int  # block parameters to remove, at least
+    protected: list[bool]  # per layer
+    align: int  # kept widths are multiples of this
+    min_neurons: int
+
+
+def check_budget(model: nn.Module, *, fraction: float, protect_first: int = 1, protect_last: int = 1,
+                 multiple: int = 64, quant_group_size: int | None = None, min_heads: int = 1,
+                 min_neurons: int | None = None, max_neuron_fraction: float = 0.75,
+                 allow: tuple[str, ...] = ("layers", "heads", "neurons")) -> BudgetRequest:
+    """Every check ``plan_for_budget`` makes before measuring anything, from the model's shapes alone.
+
+    A model on the meta device will do, so the pipeline runs this before loading any weights.
+    Raises ``SettingError`` naming the argument; returns what the plan is then held to.
     """
     _check_fraction(fraction)
     kinds = ("layers", "heads", "neurons")
     bad = [a for a in allow if a not in kinds]
     if bad or not allow:
-        raise ValueError(f"allow={allow!r}: give one or more of {list(kinds)}")
+        raise SettingError(f"allow={allow!r}: give one or more of {list(kinds)}")
     adapter = adapter_for(model)
     blocks = adapter.blocks(model)
     n_layers = len(blocks)
     for name, value in (("protect_first", protect_first), ("protect_last", protect_last)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+            raise SettingError(f"{name} must be a non-negative integer, got {value!r}")
     if protect_first + protect_last >= n_layers:
-        raise ValueError(f"protect_first + protect_last = {protect_first + protect_last} leaves none of the "
-                         f"{n_layers} layers to prune")
+        raise SettingError(f"protect_first + protect_last = {protect_first + protect_last} leaves none of the "
+                           f"{n_layers} layers to prune")
     min_neurons = multiple if min_neurons is None else min_neurons
     for name, value, low in (("multiple", multiple, 1), ("min_heads", min_heads, 1), ("min_neurons", min_neurons, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            raise SettingError(f"{name} must be an integer >= {low}, got {value!r}")
     if quant_group_size is not None and (not isinstance(quant_group_size, int) or quant_group_size < 1):
-        raise ValueError(f"quant_group_size must be None or a positive integer, got {quant_group_size!r}")
+        raise SettingError(f"quant_group_size must be None or a positive integer, got {quant_group_size!r}")
     if not 0 < max_neuron_fraction < 1:
-        raise ValueError(f"max_neuron_fraction must be in (0, 1), got {max_neuron_fraction!r}")
+        raise SettingError(f"max_neuron_fraction must be in (0, 1), got {max_neuron_fraction!r}")
     align = math.lcm(multiple, quant_group_size) if quant_group_size else multiple
     total = block_parameters(model)
     target = math.ceil(fraction * total)
@@ -229,17 +239,38 @@ def plan_for_budget(model: nn.Module, calib=None, *, fraction: float, protect_fi
     reachable = sum(_max_removable(adapter, b, align, min_heads, min_neurons, max_neuron_fraction, set(allow))
                     for b, p in zip(blocks, protected) if not p)
     if reachable < target:
-        raise ValueError(f"fraction={fraction} asks for {target:,} of {total:,} block parameters but the "
-                         f"constraints allow at most {reachable:,} ({reachable / total:.1%}): protect_first="
-                         f"{protect_first}, protect_last={protect_last}, alignment {align}, "
-                         f"min_neurons={min_neurons}, min_heads={min_heads}, "
-                         f"max_neuron_fraction={max_neuron_fraction}, allow={list(allow)}")
+        raise SettingError(f"fraction={fraction} asks for {target:,} of {total:,} block parameters but the "
+                           f"constraints allow at most {reachable:,} ({reachable / total:.1%}): protect_first="
+                           f"{protect_first}, protect_last={protect_last}, alignment {align}, "
+                           f"min_neurons={min_neurons}, min_heads={min_heads}, "
+                           f"max_neuron_fraction={max_neuron_fraction}, allow={list(allow)}")
+    return BudgetRequest(target, protected, align, min_neurons)
+
+
+def plan_for_budget(model: nn.Module, calib=None, *, fraction: float, protect_first: int = 1,
+                    protect_last: int = 1, multiple: int = 64, quant_group_size: int | None = None,
+                    min_heads: int = 1, min_neurons: int | None = None, max_neuron_fraction: float = 0.75,
+                    allow: tuple[str, ...] = ("layers", "heads", "neurons"), sens: Sensitivity | None = None,
+                    progress: bool = True) -> PruningPlan:
+    """A validated plan removing at least ``fraction`` of the block parameters at the least measured cost.
+
+    Everything is checked before any scoring work (``check_budget``). ``allow`` restricts the kinds
+    of structure the planner may use (for example ``("neurons",)`` for width-only MLP pruning).
+    ``min_neurons`` defaults to ``multiple``: an MLP keeps at least one aligned block.
+    """
+    request = check_budget(model, fraction=fraction, protect_first=protect_first, protect_last=protect_last,
+                           multiple=multiple, quant_group_size=quant_group_size, min_heads=min_heads,
+                           min_neurons=min_neurons, max_neuron_fraction=max_neuron_fraction, allow=allow)
+    target, protected, align, min_neurons = request.target, request.protected, request.align, request.min_neurons
+    adapter = adapter_for(model)
+    blocks = adapter.blocks(model)
+    n_layers = len(blocks)
     if sens is None:
         if calib is None:
-            raise ValueError("calib is required (token ids [N, T] or a list of dicts) unless sens= is given")
+            raise SettingError("calib is required (token ids [N, T] or a list of dicts) unless sens= is given")
         sens = sensitivity(model, calib, max_neuron_fraction=max_neuron_fraction, progress=progress)
     elif len(sens.layers) != n_layers:
-        raise ValueError(f"sens describes {len(sens.layers)} layers but the model has {n_layers}")
+        raise SettingError(f"sens describes {len(sens.layers)} layers but the model has {n_layers}")
     options = []
     for i, s in enumerate(sens.layers):
         if protected[i]:
@@ -250,8 +281,8 @@ def plan_for_budget(model: nn.Module, calib=None, *, fraction: float, protect_fi
                                           min_neurons, min_heads, set(allow)))
     choice = _cover(options, target)
     if choice is None:  # only if ``sens`` was measured with a smaller max_neuron_fraction
-        raise ValueError(f"fraction={fraction}: the sensitivities passed in explore too few neurons to reach "
-                         f"{target:,} parameters; measure them with a larger max_neuron_fraction")
+        raise SettingError(f"fraction={fraction}: the sensitivities passed in explore too few neurons to reach "
+                           f"{target:,} parameters; measure them with a larger max_neuron_fraction")
     picked = [opts[j] for opts, j in zip(options, choice)]
     plan = PruningPlan(
         heads={i: o["heads"] for i, o in enumerate(picked) if o["heads"]},

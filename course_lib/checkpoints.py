@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import SettingError
 from . import pruned_modeling  # noqa: F401  (registers the pruned types: the checkpoints load with the Auto classes)
 from .paths import cache_dir, staged_directory
 from .profiles import Profile, get_profile
@@ -56,12 +57,34 @@ def _smollm2_layers(profile: Profile, count: int) -> tuple:
     return apply_plan(model, plan), tokenizer, plan.to_dict()
 
 
+def _smollm2_recovered(profile: Profile, source: str, tokens: int) -> tuple:
+    """Notebook 06's decoder recovery of ``source``: ``tokens`` tokens at 3e-4 on 256-token windows of the
+    calibration articles (batch 4, embeddings frozen), validated on 8 windows of the validation articles."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .data import load_prose
+    from .recovery import RecoveryConfig, causal_lm_dataset, fine_tune
+
+    directory = course_checkpoint(source, profile.name)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(directory), AutoTokenizer.from_pretrained(directory)
+    prose = load_prose()
+    train = causal_lm_dataset(tokenizer, prose["calibration"]["text"], 256).shuffle(seed=0)
+    validation = causal_lm_dataset(tokenizer, prose["validation"]["text"], 256, limit=8)
+    summary = fine_tune(model, train, validation, RecoveryConfig(tokens=tokens, learning_rate=3e-4, batch_size=4,
+                                                                 evaluations=2, freeze_embeddings=True), progress=False)
+    plan = json.loads((directory / "recipe.json").read_text())["plan"]
+    return model, tokenizer, {**plan, "recovery": {k: summary[k] for k in ("tokens", "steps", "kept", "best_eval_loss")}}
+
+
 RECIPES: dict[str, Recipe] = {
     "minilm-heads-50": Recipe("03", "the MiniLM sentiment classifier with half of its heads removed (Taylor scores, "
                               "first and last layer kept, at least 2 heads per layer, widths in steps of 64)",
                               lambda profile: _minilm_heads(profile, 0.5)),
     "smollm2-layers-7": Recipe("04", "SmolLM2-135M with the 7 of its 30 layers of lowest block influence removed "
                                "(25% of the layers)", lambda profile: _smollm2_layers(profile, 7)),
+    "smollm2-layers-7-recovered": Recipe("06", "smollm2-layers-7 recovered on 4,096 tokens of the calibration articles "
+                                         "at learning rate 3e-4", lambda profile: _smollm2_recovered(
+                                             profile, "smollm2-layers-7", 4096)),
 }
 
 
@@ -72,7 +95,7 @@ def checkpoint_dir(name: str, profile: str | None = None) -> Path:
 def course_checkpoint(name: str, profile: str | None = None) -> Path:
     """The directory of the course checkpoint ``name`` (see ``RECIPES``), built first if it is not there yet."""
     if name not in RECIPES:
-        raise ValueError(f"checkpoint name={name!r} is unknown; choose one of {sorted(RECIPES)}")
+        raise SettingError(f"checkpoint name={name!r} is unknown; choose one of {sorted(RECIPES)}")
     chosen = get_profile(profile)
     directory = checkpoint_dir(name, chosen.name)
     if not (directory / "recipe.json").exists():

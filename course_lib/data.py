@@ -43,6 +43,7 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from mwparserfromhell.nodes import Wikilink
 
+from .errors import SettingError
 from .downloads import Artifact, CacheError, cached, fetch, sha256_of, verify
 from .paths import cache_dir
 
@@ -411,7 +412,7 @@ def load_prose() -> DatasetDict:
 def prose_text(split: str = "test", separator: str = "\n\n") -> str:
     """One split's articles as one string, joined by ``separator`` (perplexity, calibration)."""
     if split not in PROSE_SPLITS:
-        raise ValueError(f"split={split!r} is unknown; choose one of {list(PROSE_SPLITS)}")
+        raise SettingError(f"split={split!r} is unknown; choose one of {list(PROSE_SPLITS)}")
     return separator.join(load_prose()[split]["text"])
 
 
@@ -430,15 +431,15 @@ def calibration_batches(
     tensor on any machine. Windows may overlap, as in the usual GPTQ/Wanda calibration sampling.
     """
     if n_samples < 1:
-        raise ValueError(f"n_samples must be at least 1, got n_samples={n_samples}")
+        raise SettingError(f"n_samples must be at least 1, got n_samples={n_samples}")
     if n_tokens < 2:
-        raise ValueError(f"n_tokens must be at least 2, got n_tokens={n_tokens}")
+        raise SettingError(f"n_tokens must be at least 2, got n_tokens={n_tokens}")
     text = prose_text(split, separator=tokenizer.eos_token or "\n\n")
     ids = torch.tensor(
         tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long
     )
     if len(ids) < n_tokens:
-        raise ValueError(
+        raise SettingError(
             f"n_tokens={n_tokens} is more than the {len(ids)} tokens of the {split!r} split"
         )
     generator = torch.Generator().manual_seed(seed)

@@ -13,12 +13,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import CourseError
 from .paths import cache_dir
 
 FETCH_COMMAND = "make fetch   (or: python -m course_lib.fetch)"
 
 
-class CacheError(RuntimeError):
+class CacheError(CourseError, RuntimeError):
     """The cache lacks a file, or a file in it fails its checksum."""
 
 

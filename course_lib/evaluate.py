@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import SettingError
+
 
 def count_parameters(model: nn.Module) -> int:
     """Weights the model computes with, counted once each (tied embeddings are one tensor).
@@ -53,11 +55,11 @@ def perplexity(model: nn.Module, ids: torch.Tensor, *, context: int = 256, strid
     ids = torch.as_tensor(ids).reshape(-1)
     stride = stride or context
     if context < 2:
-        raise ValueError(f"context must be >= 2 tokens, got {context}")
+        raise SettingError(f"context must be >= 2 tokens, got {context}")
     if not 1 <= stride <= context:
-        raise ValueError(f"stride must be in [1, context={context}], got {stride}")
+        raise SettingError(f"stride must be in [1, context={context}], got {stride}")
     if ids.numel() < 2:
-        raise ValueError(f"ids must hold at least 2 tokens, got {ids.numel()}")
+        raise SettingError(f"ids must hold at least 2 tokens, got {ids.numel()}")
     device = next(model.parameters()).device
     total_nll, total_tokens, scored_until = 0.0, 0, 0
     starts = range(0, ids.numel() - 1, stride)
@@ -163,7 +165,7 @@ def latency(model: nn.Module, *, batch: int = 1, seq: int = 128, mode: str = "fo
     Machines are noisy: compare models by the ratio of medians measured in the same run.
     """
     if mode not in ("forward", "decode"):
-        raise ValueError(f"mode must be one of ['decode', 'forward'], got {mode!r}")
+        raise SettingError(f"mode must be one of ['decode', 'forward'], got {mode!r}")
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -182,19 +184,28 @@ def accuracy(predictions, labels) -> float:
     """Share of predictions equal to their labels."""
     predictions, labels = torch.as_tensor(predictions).reshape(-1), torch.as_tensor(labels).reshape(-1)
     if predictions.shape != labels.shape or predictions.numel() == 0:
-        raise ValueError(f"predictions and labels must be non-empty and equal in length, "
-                         f"got {predictions.numel()} and {labels.numel()}")
+        raise SettingError(f"predictions and labels must be non-empty and equal in length, "
+                           f"got {predictions.numel()} and {labels.numel()}")
     return (predictions == labels).float().mean().item()
 
 
 @torch.no_grad()
 def classifier_accuracy(model: nn.Module, tokenizer, texts: list[str], labels, *, batch_size: int = 64,
                         max_length: int = 64) -> float:
-    """Accuracy of a sequence classifier on raw texts (argmax of the logits)."""
+    """Accuracy of a sequence classifier on raw texts (argmax of the logits).
+
+    Batches are formed from texts of similar length (sorted by token count), so a batch pads to
+    little more than its own texts: on the course's review sentences that is about half the
+    tokens of batching in order, with the same predictions (padding is masked).
+    """
     device = next(model.parameters()).device
-    predictions = []
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
+    texts = list(texts)
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    order = sorted(range(len(texts)), key=lengths.__getitem__)
+    predictions = torch.empty(len(texts), dtype=torch.long)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        batch = tokenizer([texts[i] for i in rows], padding=True, truncation=True,
                           max_length=max_length, return_tensors="pt").to(device)
-        predictions.append(model(**batch).logits.argmax(-1).cpu())
-    return accuracy(torch.cat(predictions), labels)
+        predictions[rows] = model(**batch).logits.argmax(-1).cpu()
+    return accuracy(predictions, labels)

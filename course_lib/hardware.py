@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import SettingError
 from .paths import REPO_ROOT
 from .timing import synchronize
 
@@ -142,7 +143,7 @@ def time_call(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 2,
     :func:`hardware_sizes` for why the course times on one).
     """
     if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, got {repeats}")
+        raise SettingError(f"repeats must be at least 1, got {repeats}")
     with cpu_threads(threads):
         return _time_call(fn, repeats, warmup, device)
 
@@ -233,7 +234,7 @@ def width_sweep(m: int, k: int, widths: Iterable[int], *, repeats: int = 5, roun
     """
     widths = sorted(set(int(w) for w in widths))
     if not widths or widths[0] < 1:
-        raise ValueError(f"widths must be positive integers, got {widths}")
+        raise SettingError(f"widths must be positive integers, got {widths}")
     x, full = _operands(m, k, widths[-1], device, dtype, seed)
     per_round: dict[int, list[float]] = {w: [] for w in widths}
     best: dict[int, float] = {w: float("inf") for w in widths}
@@ -292,7 +293,7 @@ def unstructured_vs_structured(m: int, k: int, n: int, *, sparsity: float = 0.5,
     median over rounds is reported, so slow drifts of the machine's load cancel out.
     """
     if not 0 < sparsity < 1:
-        raise ValueError(f"sparsity must be strictly between 0 and 1, got {sparsity}")
+        raise SettingError(f"sparsity must be strictly between 0 and 1, got {sparsity}")
     x, weight = _operands(m, k, n, device, dtype, seed)
     generator = torch.Generator().manual_seed(seed + 1)
     keep = (torch.rand(n, k, generator=generator) >= sparsity).to(device)

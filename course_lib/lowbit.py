@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import SettingError
 from .paths import staged_directory
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes the CPU int4 kernel implements
@@ -39,21 +40,21 @@ QUANT_METHOD = "course_lib"
 def check_int4_shape(name: str, in_features: int, out_features: int, group_size: int) -> None:
     """Raise ``ValueError`` naming the layer when the CPU int4 kernel cannot take its shape."""
     if group_size not in INT4_GROUP_SIZES:
-        raise ValueError(f"group_size={group_size} is not one the CPU int4 kernel implements; allowed: "
-                         f"{', '.join(map(str, INT4_GROUP_SIZES))}")
+        raise SettingError(f"group_size={group_size} is not one the CPU int4 kernel implements; allowed: "
+                           f"{', '.join(map(str, INT4_GROUP_SIZES))}")
     if in_features % group_size:
-        raise ValueError(f"group_size={group_size} does not divide the input width {in_features} of {name}; prune "
-                         f"to multiples of {group_size} (selection's quant_group_size)")
+        raise SettingError(f"group_size={group_size} does not divide the input width {in_features} of {name}; prune "
+                           f"to multiples of {group_size} (selection's quant_group_size)")
     if out_features % INT4_ROW_MULTIPLE:
-        raise ValueError(f"the output width {out_features} of {name} is not a multiple of {INT4_ROW_MULTIPLE}, "
-                         "which the CPU int4 kernel needs")
+        raise SettingError(f"the output width {out_features} of {name} is not a multiple of {INT4_ROW_MULTIPLE}, "
+                           "which the CPU int4 kernel needs")
 
 
 def check_int8_shape(name: str, in_features: int) -> None:
     """Raise ``ValueError`` naming the layer when the CPU int8 kernel cannot take its input width."""
     if in_features % INT8_COLUMN_MULTIPLE:
-        raise ValueError(f"the input width {in_features} of {name} is not a multiple of {INT8_COLUMN_MULTIPLE}, which "
-                         f"the CPU int8 kernel needs; prune to multiples of {INT8_COLUMN_MULTIPLE}")
+        raise SettingError(f"the input width {in_features} of {name} is not a multiple of {INT8_COLUMN_MULTIPLE}, which "
+                           f"the CPU int8 kernel needs; prune to multiples of {INT8_COLUMN_MULTIPLE}")
 
 
 def _nibbles(packed: torch.Tensor) -> torch.Tensor:
@@ -226,9 +227,9 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None) -> Path:
     """Write a model quantized by ``course_lib.quantize.int4`` / ``int8`` / ``bf16`` as safetensors, all or nothing."""
     quant = dict(getattr(model.config, "quantization_config", None) or {})
     if quant.get("quant_method") != QUANT_METHOD:
-        raise ValueError(f"model is not quantized by course_lib.quantize's int4, int8 or bf16 (quantization_config: "
-                         f"{quant or None}); AWQ checkpoints go through save_awq, and RTN is simulated in fp32: "
-                         "save the fp32 model with save_pretrained")
+        raise SettingError(f"model is not quantized by course_lib.quantize's int4, int8 or bf16 (quantization_config: "
+                           f"{quant or None}); AWQ checkpoints go through save_awq, and RTN is simulated in fp32: "
+                           "save the fp32 model with save_pretrained")
     directory = Path(directory)
     model.config.quantization_config = quant | {"layers": layer_map(model)}
     try:
@@ -279,8 +280,8 @@ def build_from_checkpoint(directory: str | Path, quant_method: str, rebuild) -> 
     config = AutoConfig.from_pretrained(directory)
     quant = getattr(config, "quantization_config", None) or {}
     if quant.get("quant_method") != quant_method:
-        raise ValueError(f"{directory} is not a checkpoint of quant_method={quant_method!r} "
-                         f"(quantization_config: {quant or None})")
+        raise SettingError(f"{directory} is not a checkpoint of quant_method={quant_method!r} "
+                           f"(quantization_config: {quant or None})")
     del config.quantization_config  # else transformers would look for a quantizer back end
     model = auto_class_for(config).from_config(config)
     rebuild(model, quant)
@@ -290,8 +291,8 @@ def build_from_checkpoint(directory: str | Path, quant_method: str, rebuild) -> 
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
-        raise ValueError(f"{directory} does not match its config: missing {sorted(set(missing) - tied)}, "
-                         f"unexpected {sorted(unexpected)}")
+        raise SettingError(f"{directory} does not match its config: missing {sorted(set(missing) - tied)}, "
+                           f"unexpected {sorted(unexpected)}")
     if tied and not quant.get("tied_embeddings"):
         model.tie_weights()
     model.config.quantization_config = quant

@@ -19,6 +19,10 @@ Two ways to say how much to remove:
 Either way the consumers of removed heads and neurons are refitted by least squares
 (``reconstruction``) unless ``reconstruct=False``.
 
+Before any work, ``validate(config, model_config)`` checks every setting against the model's
+config (no weights loaded): counts, protections, GQA and alignment feasibility, the quantizers'
+widths and group sizes, sequence lengths. It raises ``SettingError`` naming the setting.
+
 One-shot is ``steps=1``; iterative pruning splits the same total budget over ``steps`` rounds,
 scoring the *current* model each round and recovering after each, so later choices see the
 effect of earlier removals. The recovery tokens are split over the rounds too: iterative and
@@ -36,19 +40,24 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .errors import CourseError, SettingError
 from . import importance, lowbit, selection, timing
-from .budget import block_parameters, plan_for_budget
+from .budget import block_parameters, check_budget, plan_for_budget
 from .evaluate import count_parameters, forward_flops, storage_bytes
 from .paths import staged_directory
 from .plan import PruningPlan
 from .profiles import get_profile
-from .pruned_modeling import adapter_for
+from .pruned_modeling import adapter_for, auto_class_for
+from .quantize import AWQ_SEARCHED, check_formats
 from .reconstruction import prune_and_reconstruct
 from .recovery import RecoveryConfig, fine_tune
 from .surgery import apply_plan
@@ -56,7 +65,8 @@ from .tasks import task_for
 
 QUANTIZERS = ("int4", "awq", "int8", "bf16", "rtn")  # course_lib.quantize says what each is for
 INT4 = ("int4", "awq", "rtn")  # weight-only 4-bit on a group grid: widths must divide into groups
-AWQ_SEARCH = ("int4", "awq")  # both take their grid from AWQ's search, which needs the Llama family
+# What each kind of the explicit path removes, and the setting that asks for it (named in errors).
+KIND_SETTINGS = {"layers": "layers", "heads": "head_fraction", "neurons": "neuron_fraction"}
 
 
 @dataclass(frozen=True)
@@ -96,30 +106,32 @@ class PruningConfig:
         for name in ("param_fraction", "head_fraction", "neuron_fraction"):
             value = getattr(self, name)
             if not 0 <= value < 1:
-                raise ValueError(f"{name} must be in [0, 1), got {value}")
+                raise SettingError(f"{name} must be in [0, 1), got {value}", setting=name)
         if self.param_fraction and (self.layers or self.head_fraction or self.neuron_fraction):
-            raise ValueError("give either param_fraction (the planner picks the mix) or layers / head_fraction / "
-                             f"neuron_fraction, not both (got param_fraction={self.param_fraction}, layers="
-                             f"{self.layers}, head_fraction={self.head_fraction}, "
-                             f"neuron_fraction={self.neuron_fraction})")
+            raise SettingError("give either param_fraction (the planner picks the mix) or layers / head_fraction / "
+                               f"neuron_fraction, not both (got param_fraction={self.param_fraction}, layers="
+                               f"{self.layers}, head_fraction={self.head_fraction}, "
+                               f"neuron_fraction={self.neuron_fraction})")
         choices = {"head_method": importance.HEAD_METHODS, "neuron_method": importance.NEURON_METHODS,
                    "granularity": ("query", "kv_group"), "layer_metric": ("bi", "angular")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r} is unknown; allowed: {', '.join(allowed)}")
+                raise SettingError(f"{name}={getattr(self, name)!r} is unknown; allowed: {', '.join(allowed)}",
+                                   setting=name)
         unknown = [q for q in self.quantize if q not in QUANTIZERS]
         if unknown:
-            raise ValueError(f"quantize={unknown} is unknown; allowed: {', '.join(QUANTIZERS)}")
+            raise SettingError(f"quantize={unknown} is unknown; allowed: {', '.join(QUANTIZERS)}", setting="quantize")
         minimums = {"layers": 0, "protect_first": 0, "protect_last": 0, "multiple": 1, "steps": 1,
                     "group_size": 1, "latency_seq": 2, "decode_tokens": 1, "timing_rounds": 1}
         for name, low in minimums.items():
             if getattr(self, name) < low:
-                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+                raise SettingError(f"{name} must be >= {low}, got {getattr(self, name)}", setting=name)
         if self.recovery_tokens is not None and self.recovery_tokens < 0:
-            raise ValueError(f"recovery_tokens must be >= 0 (0 = no recovery) or None (the profile's budget), "
-                             f"got {self.recovery_tokens}")
+            raise SettingError(f"recovery_tokens must be >= 0 (0 = no recovery) or None (the profile's budget), "
+                               f"got {self.recovery_tokens}", setting="recovery_tokens")
         if self.recovery_tokens is not None and 0 < self.recovery_tokens < self.steps:
-            raise ValueError(f"recovery_tokens={self.recovery_tokens} cannot be split over steps={self.steps} rounds")
+            raise SettingError(f"recovery_tokens={self.recovery_tokens} cannot be split over steps={self.steps} rounds",
+                               setting="recovery_tokens")
         self.recovery_config(tokens=max(self.recovery_tokens or 1, 1), batch_size=1, learning_rate=1.0)  # checked now
 
     def recovery_config(self, tokens: int, batch_size: int, learning_rate: float) -> RecoveryConfig:
@@ -203,36 +215,66 @@ def _applier(model: nn.Module, plan_calib, config: PruningConfig, applied: list)
     return apply
 
 
-def prune_step(model: nn.Module, calib, config: PruningConfig, n_layers: int, n_heads: int,
-               n_neurons: int, plan_calib=None) -> list[dict]:
+@contextmanager
+def _about(setting: str, value=None) -> Iterator[None]:
+    """Re-raise a package error from inside as a ``SettingError`` about ``setting`` (the CLI names its flag)."""
+    try:
+        yield
+    except CourseError as error:
+        prefix = setting if value is None else f"{setting}={value!r}"
+        raise SettingError(f"{prefix}: {error}", setting=setting) from None
+
+
+def _scorer(calib, config: PruningConfig):
+    """``score(kind, model)``: importance measured on ``calib``, head and neuron scores divided by their layer's
+    median (``selection.layer_normalised``) so that one global ranking compares like with like."""
+    def score(kind: str, model: nn.Module):
+        if kind == "layers":
+            return importance.block_influence(model, calib, metric=config.layer_metric)
+        if kind == "heads":
+            return selection.layer_normalised(importance.head_scores(model, calib, config.head_method))
+        return selection.layer_normalised(importance.neuron_scores(model, calib, config.neuron_method))
+
+    return score
+
+
+def _select(kind: str, model: nn.Module, scores, count: int, config: PruningConfig) -> PruningPlan:
+    """The selector of ``kind`` with the config's protections (and, for heads and neurons, alignment)."""
+    protect = dict(protect_first=config.protect_first, protect_last=config.protect_last)
+    if kind == "layers":
+        return selection.select_layers(model, scores, count=count, **protect)
+    if kind == "heads":
+        return selection.select_heads(model, scores, count=count, granularity=config.granularity, **protect,
+                                      **_alignment(config))
+    return selection.select_neurons(model, scores, count=count, **protect, **_alignment(config))
+
+
+def prune_step(model: nn.Module, config: PruningConfig, counts: dict[str, int], score, apply) -> None:
     """One round of the explicit path: remove layers, then heads, then neurons, scoring the model as it is.
 
     Applying each kind before scoring the next means no budget is spent on heads or neurons of a
-    block that is about to go, and each score sees the model it will actually prune. Head and
-    neuron scores are divided by their layer's median before the global ranking. Returns the
-    applied plans in order (each in the numbering of the model it was applied to).
+    block that is about to go, and each score sees the model it will actually prune. ``counts``
+    maps each kind of ``KIND_SETTINGS`` to how many to remove; ``score(kind, model)`` gives the
+    scores (the run's ``_scorer``, or the dry run's constant ones) and ``apply(kind, plan)``
+    changes the model. A count the model cannot give raises ``SettingError`` naming the setting.
     """
-    protect = dict(protect_first=config.protect_first, protect_last=config.protect_last)
-    applied: list[dict] = []
-    apply = _applier(model, calib if plan_calib is None else plan_calib, config, applied)
-    if n_layers:
-        scores = importance.block_influence(model, calib, metric=config.layer_metric)
-        apply("layers", selection.select_layers(model, scores, count=n_layers, **protect))
-    if n_heads:
-        scores = selection.layer_normalised(importance.head_scores(model, calib, config.head_method))
-        apply("heads", selection.select_heads(model, scores, count=n_heads, granularity=config.granularity,
-                                              **protect, **_alignment(config)))
-    if n_neurons:
-        scores = selection.layer_normalised(importance.neuron_scores(model, calib, config.neuron_method))
-        apply("neurons", selection.select_neurons(model, scores, count=n_neurons, **protect, **_alignment(config)))
-    return applied
+    for kind, setting in KIND_SETTINGS.items():
+        if counts[kind]:
+            scores = score(kind, model)
+            with _about(setting, None if kind == "layers" else getattr(config, setting)):
+                plan = _select(kind, model, scores, counts[kind], config)
+            apply(kind, plan)
+
+
+def _budget_rules(config: PruningConfig) -> dict:
+    """The budget planner's constraints: the config's protections and the selection's alignment."""
+    return dict(protect_first=config.protect_first, protect_last=config.protect_last, **_alignment(config))
 
 
 def budget_step(model: nn.Module, plan_calib, config: PruningConfig, fraction: float) -> list[dict]:
     """One round of the budget path: ``plan_for_budget`` on the current model, then surgery."""
     applied: list[dict] = []
-    plan = plan_for_budget(model, plan_calib, fraction=fraction, protect_first=config.protect_first,
-                           protect_last=config.protect_last, **_alignment(config), progress=False)
+    plan = plan_for_budget(model, plan_calib, fraction=fraction, **_budget_rules(config), progress=False)
     _applier(model, plan_calib, config, applied)("budget", plan)
     return applied
 
@@ -246,21 +288,107 @@ def _budget(model: nn.Module, config: PruningConfig) -> tuple[int, int]:
     return heads, neurons
 
 
+def _rounds(config: PruningConfig, model: nn.Module, tokens_total: int) -> list[tuple[dict[str, int], int]]:
+    """Per round: how many of each kind the explicit path removes, and the recovery tokens (every total split)."""
+    totals = (config.layers, *_budget(model, config))
+    splits = [split_budget(total, config.steps) for total in totals]
+    return [(dict(zip(KIND_SETTINGS, counts)), tokens)
+            for *counts, tokens in zip(*splits, split_budget(tokens_total, config.steps))]
+
+
+def _meta_model(model_config) -> nn.Module:
+    """The model ``model_config`` describes, on the meta device: every shape, no weights, no memory."""
+    with torch.device("meta"):
+        return auto_class_for(model_config).from_config(copy.deepcopy(model_config))
+
+
+def _constant_scores(kind: str, model: nn.Module):
+    """Equal scores of the shape ``kind``'s selector takes: the dry run's stand-in for measured ones."""
+    adapter = adapter_for(model)
+    blocks = adapter.blocks(model)
+    if kind == "layers":
+        return torch.ones(len(blocks))
+    if kind == "heads":
+        return torch.ones(len(blocks), max(adapter.num_heads(b) for b in blocks))
+    return [torch.ones(adapter.intermediate_size(b)) for b in blocks]
+
+
+def _check_lengths(config: PruningConfig, model: nn.Module) -> None:
+    """Timing feeds 1 x ``latency_seq`` tokens, and a decoder then ``decode_tokens`` more: all need positions."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    asked = {"latency_seq": config.latency_seq}
+    if timing.generates(model):
+        asked["decode_tokens"] = config.decode_tokens
+    if limit is not None and sum(asked.values()) > limit:
+        raise SettingError(f"latency_seq: {' + '.join(f'{name}={n}' for name, n in asked.items())} = "
+                           f"{sum(asked.values())} tokens, but the model has {limit} positions "
+                           f"(max_position_embeddings)", setting="latency_seq")
+
+
+def _check_protections(config: PruningConfig, model: nn.Module) -> None:
+    """Protected layers are never pruned, so a run that prunes at all needs one layer left unprotected.
+
+    Selection and the planner check this too, but in their own words; here it is said of the two settings."""
+    n_layers = len(adapter_for(model).blocks(model))
+    protected = config.protect_first + config.protect_last
+    prunes = config.param_fraction or config.layers or config.head_fraction or config.neuron_fraction
+    if prunes and protected >= n_layers:
+        raise SettingError(f"protect_first={config.protect_first} + protect_last={config.protect_last} = {protected} "
+                           f"protected layers, but the model has {n_layers}: together at most {n_layers - 1} (one "
+                           "layer at least must stay prunable)", setting="protect_first")
+
+
+def _check_quantizable(config: PruningConfig, model: nn.Module) -> None:
+    """The quantizers' own checks of ``config.quantize`` and ``group_size`` on ``model``'s widths."""
+    with _about("quantize", config.quantize):
+        check_formats(model, config.quantize, config.group_size)
+
+
+def validate(config: PruningConfig, model_config) -> None:
+    """Check ``config`` against the model before any work; raise ``SettingError`` naming the setting.
+
+    Nothing is loaded, scored or written: the checks run on the model built from ``model_config``
+    on the meta device (shapes without weights). What a request can achieve depends on
+    protections, alignment, the quantizers' group sizes, GQA's equal groups and, over several
+    rounds, on what earlier rounds removed; those rules live in ``selection``, ``budget`` and
+    ``quantize``, so rather than restate them here the run's own selection and surgery are played
+    through with constant scores, and the quantizers' own shape checks run on the model before and
+    after. Scores decide which structures go, not how many can, so a request that passes meets no
+    constraint later (for iterative runs that also remove layers, as nearly as constant scores tell).
+    """
+    try:
+        adapter_for(model_config)
+    except ValueError as error:  # pruned_modeling raises plain ValueError (its saved copy needs no course_lib)
+        raise SettingError(f"model: {error}", setting="model") from None
+    model = _meta_model(model_config)
+    _check_lengths(config, model)
+    _check_protections(config, model)
+    _check_quantizable(config, model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "fewer achievable than requested": the run says it itself
+        if config.param_fraction:
+            with _about("param_fraction", config.param_fraction):
+                check_budget(model, fraction=config.param_fraction, **_budget_rules(config))
+            return  # the planner aligns what it cuts; the unpruned widths are checked above
+        for counts, _ in _rounds(config, model, 0):
+            prune_step(model, config, counts, _constant_scores, lambda kind, plan: apply_plan(model, plan))
+    _check_quantizable(config, model)
+
+
 def run(config: PruningConfig, out_dir: str | Path, progress: bool = True, task=None) -> list[Stage]:
     """Run the pipeline and write the report folder; returns the history.
 
     ``task`` (default: the task of ``config.model``, see ``course_lib.tasks``) supplies the model,
     calibration data, quality measure and recovery data; tests pass a tiny one.
     """
+    with _about("model"):
+        task = task or task_for(config.model, get_profile(config.profile))
+        model_config = task.model_config()
+    validate(config, model_config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    task = task or task_for(config.model, get_profile(config.profile))
     model = task.load()
-    searched = [q for q in config.quantize if q in AWQ_SEARCH]
-    if searched and adapter_for(model).name != "llama":
-        raise ValueError(f"quantize: {searched} need AWQ's search, which takes a Llama-family decoder, not the "
-                         f"{adapter_for(model).name} family; use quantize=('int8', 'bf16', 'rtn')")
     tokens_total = task.recovery_tokens if config.recovery_tokens is None else config.recovery_tokens
     distil = tokens_total and (config.distill_alpha > 0 or config.hidden_weight > 0)
     teacher = copy.deepcopy(model) if distil else None
@@ -268,18 +396,17 @@ def run(config: PruningConfig, out_dir: str | Path, progress: bool = True, task=
     plan_calib = task.planning_calibration(seed=config.seed) if config.param_fraction or config.reconstruct else None
     models: dict[str, nn.Module] = {}  # stage -> its model, timed together at the end
     history = [_measure("dense", model, task, config, models)]
-    heads_total, neurons_total = _budget(model, config)
     dense_blocks = block_parameters(model)
     plans = []
-    for step, (n_layers, n_heads, n_neurons, tokens) in enumerate(zip(
-            split_budget(config.layers, config.steps), split_budget(heads_total, config.steps),
-            split_budget(neurons_total, config.steps), split_budget(tokens_total, config.steps)), start=1):
+    for step, (counts, tokens) in enumerate(_rounds(config, model, tokens_total), start=1):
         if config.param_fraction:
             # each round removes its share of the *dense* budget, as a fraction of what is left now
             still = config.param_fraction * dense_blocks * step / config.steps - (dense_blocks - block_parameters(model))
             applied = budget_step(model, plan_calib, config, max(still, 1) / block_parameters(model))
         else:
-            applied = prune_step(model, calib, config, n_layers, n_heads, n_neurons, plan_calib)
+            applied = []
+            prune_step(model, config, counts, _scorer(calib, config),
+                       _applier(model, calib if plan_calib is None else plan_calib, config, applied))
         plans.append({"step": step, "applied": applied})
         tag = f" {step}/{config.steps}" if config.steps > 1 else ""
         history.append(_measure(f"pruned{tag}", model, task, config, models))
@@ -341,7 +468,7 @@ def _quantized(model: nn.Module, task, config: PruningConfig, calib, out: Path, 
     device = next(model.parameters()).device
     flops = forward_flops(model, 1, config.latency_seq)  # the same arithmetic in fewer bits
     stages, awq = [], None
-    if any(name in AWQ_SEARCH for name in config.quantize):
+    if any(name in AWQ_SEARCHED for name in config.quantize):
         samples = get_profile(config.profile).quant_calib_samples
         awq = awq_int4(copy.deepcopy(model), calib[:samples], group_size=config.group_size)
         if "awq" in config.quantize:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .errors import SettingError
 from .pruned_modeling import FamilyAdapter, adapter_for
 
 
@@ -37,7 +38,7 @@ class PruningPlan:
         for name in ("heads", "kv_groups", "neurons"):
             table = getattr(self, name)
             if not isinstance(table, dict):
-                raise ValueError(f"{name} must be a mapping {{layer: [indices]}}, got {type(table).__name__}")
+                raise SettingError(f"{name} must be a mapping {{layer: [indices]}}, got {type(table).__name__}")
             setattr(self, name, {_index(name, k): _indices(f"{name}[{k}]", v) for k, v in table.items()})
         self.layers = _indices("layers", self.layers)
 
@@ -54,7 +55,7 @@ class PruningPlan:
     def from_dict(cls, data: dict) -> "PruningPlan":
         unknown = set(data) - {"heads", "kv_groups", "neurons", "layers"}
         if unknown:
-            raise ValueError(f"plan has unknown keys {sorted(unknown)}; allowed: heads, kv_groups, neurons, layers")
+            raise SettingError(f"plan has unknown keys {sorted(unknown)}; allowed: heads, kv_groups, neurons, layers")
         return cls(**data)
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -87,20 +88,20 @@ class PruningPlan:
         n_layers = len(blocks)
         _check_indices("layers", None, self.layers, n_layers)
         if len(self.layers) >= n_layers:
-            raise ValueError(f"layers: the plan removes all {n_layers} layers; at least one must stay")
+            raise SettingError(f"layers: the plan removes all {n_layers} layers; at least one must stay")
         removed = set(self.layers)
         for name, table in (("heads", self.heads), ("kv_groups", self.kv_groups), ("neurons", self.neurons)):
             for layer in table:
                 _check_indices(name, None, [layer], n_layers, what="layer")
                 if layer in removed and table[layer]:
-                    raise ValueError(f"{name}: layer {layer} is removed whole by `layers`; drop its {name} entry")
+                    raise SettingError(f"{name}: layer {layer} is removed whole by `layers`; drop its {name} entry")
         for layer in sorted(set(self.heads) | set(self.kv_groups)):
             self._validate_heads(adapter, blocks[layer], layer)
         for layer, neurons in self.neurons.items():
             size = adapter.intermediate_size(blocks[layer])
             _check_indices("neurons", layer, neurons, size)
             if len(neurons) >= size:
-                raise ValueError(f"neurons: layer {layer} would keep 0 of {size} neurons; keep at least one")
+                raise SettingError(f"neurons: layer {layer} would keep 0 of {size} neurons; keep at least one")
 
     def _validate_heads(self, adapter: FamilyAdapter, block: nn.Module, layer: int) -> None:
         n_q, n_kv = adapter.num_heads(block), adapter.num_kv_heads(block)
@@ -110,16 +111,16 @@ class PruningPlan:
         _check_indices("kv_groups", layer, groups, n_kv)
         overlap = sorted(h for h in heads if h // group in set(groups))
         if overlap:
-            raise ValueError(f"heads: layer {layer} lists query heads {overlap} whose KV groups are removed whole")
+            raise SettingError(f"heads: layer {layer} lists query heads {overlap} whose KV groups are removed whole")
         remaining = {g: group for g in range(n_kv) if g not in set(groups)}
         for h in heads:
             remaining[h // group] -= 1
         sizes = sorted({n for n in remaining.values() if n > 0})
         if not sizes:
-            raise ValueError(f"heads: layer {layer} would keep 0 of {n_q} query heads; keep at least one")
+            raise SettingError(f"heads: layer {layer} would keep 0 of {n_q} query heads; keep at least one")
         if len(sizes) > 1:
             per_group = {g: n for g, n in remaining.items() if n > 0}
-            raise ValueError(
+            raise SettingError(
                 f"heads: layer {layer} leaves KV groups with unequal query heads {per_group} "
                 f"(group size {group}); remove the same number of query heads from every kept group"
             )
@@ -130,13 +131,13 @@ def _index(name: str, value) -> int:
     if isinstance(value, str) and value.lstrip("-").isdigit():
         return int(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-        raise ValueError(f"{name}: index {value!r} is not an integer")
+        raise SettingError(f"{name}: index {value!r} is not an integer")
     return int(value)
 
 
 def _indices(name: str, values) -> list[int]:
     if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
-        raise ValueError(f"{name} must be a list of integer indices, got {values!r}")
+        raise SettingError(f"{name} must be a list of integer indices, got {values!r}")
     return [_index(name, v) for v in values]
 
 
@@ -145,10 +146,10 @@ def _check_indices(name: str, layer: int | None, indices: list[int], size: int, 
     what = what or name
     bad = [i for i in indices if not 0 <= i < size]
     if bad:
-        raise ValueError(f"{name}: {where}{what} index {bad} out of range [0, {size})")
+        raise SettingError(f"{name}: {where}{what} index {bad} out of range [0, {size})")
     dupes = sorted(i for i, n in Counter(indices).items() if n > 1)
     if dupes:
-        raise ValueError(f"{name}: {where}duplicate {what} index {dupes}")
+        raise SettingError(f"{name}: {where}duplicate {what} index {dupes}")
 
 
 def parameters_removed(model: nn.Module, plan: PruningPlan) -> int:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from .errors import SettingError
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -96,5 +98,5 @@ def get_profile(name: str | None = None) -> Profile:
     """Return the named profile, else the one in ``$COURSE_PROFILE``, else ``ci``."""
     name = name if name is not None else os.environ.get(ENV_VAR, "ci")
     if name not in PROFILES:
-        raise ValueError(f"profile={name!r} is unknown; choose one of {sorted(PROFILES)}")
+        raise SettingError(f"profile={name!r} is unknown; choose one of {sorted(PROFILES)}", setting="profile")
     return PROFILES[name]

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import SettingError
 from . import awq_search, lowbit
 from .paths import staged_directory
 from .pruned_modeling import adapter_for
@@ -37,7 +38,7 @@ AWQ_ROW_BATCH = 64  # autoawq 0.2.9 searches clipping ranges over output rows in
 
 def _check_unquantized(model: nn.Module) -> None:
     if getattr(model.config, "quantization_config", None) is not None:
-        raise ValueError("model is already quantized")
+        raise SettingError("model is already quantized")
 
 
 def _block_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
@@ -49,12 +50,12 @@ def _block_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
 
 def _check_columns(model: nn.Module, group_size: int) -> None:
     if group_size < 1:
-        raise ValueError(f"group_size must be >= 1, got {group_size}")
+        raise SettingError(f"group_size must be >= 1, got {group_size}")
     for name, linear in _block_linears(model):
         if linear.in_features % group_size:
-            raise ValueError(f"group_size={group_size} does not divide the input width {linear.in_features} of "
-                             f"{name}; prune to multiples of {group_size} (selection's quant_group_size) or "
-                             "choose a group size that divides every width")
+            raise SettingError(f"group_size={group_size} does not divide the input width {linear.in_features} of "
+                               f"{name}; prune to multiples of {group_size} (selection's quant_group_size) or "
+                               "choose a group size that divides every width")
 
 
 def check_group_size(model: nn.Module, group_size: int) -> None:
@@ -67,8 +68,8 @@ def check_group_size(model: nn.Module, group_size: int) -> None:
     _check_columns(model, group_size)
     for name, linear in _block_linears(model):
         if linear.out_features % AWQ_ROW_BATCH:
-            raise ValueError(f"the output width {linear.out_features} of {name} is not a multiple of "
-                             f"{AWQ_ROW_BATCH}, which AWQ's clipping search needs")
+            raise SettingError(f"the output width {linear.out_features} of {name} is not a multiple of "
+                               f"{AWQ_ROW_BATCH}, which AWQ's clipping search needs")
 
 
 def _run_awq(model: nn.Module, calib, *, group_size: int, zero_point: bool, clip: bool, quantize: bool) -> nn.Module:
@@ -76,11 +77,11 @@ def _run_awq(model: nn.Module, calib, *, group_size: int, zero_point: bool, clip
     from awq.models.llama import LlamaAWQForCausalLM
 
     if adapter_for(model).name != "llama":
-        raise ValueError(f"AWQ here supports the Llama family; got {adapter_for(model).name!r}")
+        raise SettingError(f"AWQ here supports the Llama family; got {adapter_for(model).name!r}")
     _check_unquantized(model)
     calib = torch.as_tensor(calib)
     if calib.ndim != 2 or calib.shape[0] < 1 or calib.shape[1] < 2:
-        raise ValueError(f"calib must be a LongTensor [N >= 1, T >= 2], got shape {tuple(calib.shape)}")
+        raise SettingError(f"calib must be a LongTensor [N >= 1, T >= 2], got shape {tuple(calib.shape)}")
     check_group_size(model, group_size)
     quant_config = {"zero_point": zero_point, "q_group_size": group_size, "w_bit": 4, "version": "GEMM"}
     wrapper = LlamaAWQForCausalLM(model, "llama", False, model.config, quant_config, None)
@@ -118,7 +119,7 @@ def save_awq(model: nn.Module, directory: str | Path, tokenizer=None) -> Path:
     """
     config = getattr(model.config, "quantization_config", None) or {}
     if config.get("quant_method") != "awq":
-        raise ValueError("model is not AWQ-quantized: run awq_int4 on it first")
+        raise SettingError("model is not AWQ-quantized: run awq_int4 on it first")
     directory = Path(directory)
     with staged_directory(directory) as staged:
         model.save_pretrained(staged)
@@ -184,7 +185,7 @@ def quantize_groups(weight: torch.Tensor, *, group_size: int, bits: int = 4):
     """
     rows, cols = weight.shape
     if cols % group_size:
-        raise ValueError(f"group_size={group_size} does not divide the {cols} input columns")
+        raise SettingError(f"group_size={group_size} does not divide the {cols} input columns")
     groups = weight.reshape(rows, cols // group_size, group_size)
     low, high = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
     top = 2**bits - 1
@@ -225,6 +226,43 @@ def _check_int8_head(model: nn.Module) -> None:
         lowbit.check_int8_shape("the LM head", head.in_features)
 
 
+def _check_int4_shapes(model: nn.Module, group_size: int) -> None:
+    """What ``int4`` needs: every block linear a shape the CPU int4 kernel takes, the LM head one int8 takes."""
+    for name, linear in _block_linears(model):
+        lowbit.check_int4_shape(name, linear.in_features, linear.out_features, group_size)
+    _check_int8_head(model)
+
+
+def _check_int8_shapes(model: nn.Module) -> None:
+    """What ``int8`` needs: every block linear and the LM head an input width the CPU int8 kernel takes."""
+    for name, linear in _block_linears(model):
+        lowbit.check_int8_shape(name, linear.in_features)
+    _check_int8_head(model)
+
+
+AWQ_SEARCHED = ("int4", "awq")  # the formats whose grid comes from AWQ's search (pipeline.QUANTIZERS' names)
+
+
+def check_formats(model: nn.Module, formats, group_size: int) -> None:
+    """Every check the quantizers of ``formats`` make before their work, on ``model``'s shapes alone.
+
+    A model built on the meta device will do: the pipeline runs this on the model its dry run
+    pruned, so that a width no kernel takes stops a run before any scoring, not after it.
+    """
+    searched = [name for name in formats if name in AWQ_SEARCHED]
+    if searched and adapter_for(model).name != "llama":
+        raise SettingError(f"{searched} need AWQ's search, which takes a Llama-family decoder, not the "
+                           f"{adapter_for(model).name} family; use ('int8', 'bf16', 'rtn')")
+    if searched:
+        check_group_size(model, group_size)
+    if "int4" in formats:
+        _check_int4_shapes(model, group_size)
+    if "rtn" in formats:
+        _check_columns(model, group_size)
+    if "int8" in formats:
+        _check_int8_shapes(model)
+
+
 def int4(model: nn.Module, calib: torch.Tensor | None, *, group_size: int = 64) -> nn.Module:
     """INT4 on the CPU kernel (``lowbit.Int4Linear``), in place: AWQ's grid from ``calib``, or with
     ``calib=None`` round-to-nearest's (no search: for speed measurements, where the grid does not matter).
@@ -237,11 +275,8 @@ def int4(model: nn.Module, calib: torch.Tensor | None, *, group_size: int = 64) 
         awq_int4(model, calib, group_size=group_size)
         return awq_to_cpu_int4(model)
     _check_unquantized(model)
-    linears = _block_linears(model)
-    for name, linear in linears:
-        lowbit.check_int4_shape(name, linear.in_features, linear.out_features, group_size)
-    _check_int8_head(model)
-    for name, linear in linears:
+    _check_int4_shapes(model, group_size)
+    for name, linear in _block_linears(model):
         grid = quantize_groups(linear.weight.detach().float(), group_size=group_size)
         model.set_submodule(name, lowbit.Int4Linear.from_grid(*grid, bias=linear.bias))
     return _finish(model, "int4", group_size=group_size, search="rtn")
@@ -259,7 +294,7 @@ def awq_to_cpu_int4(model: nn.Module) -> nn.Module:
 
     config = getattr(model.config, "quantization_config", None) or {}
     if config.get("quant_method") != "awq":
-        raise ValueError("model is not AWQ-quantized: run awq_int4 (or load_awq) first")
+        raise SettingError("model is not AWQ-quantized: run awq_int4 (or load_awq) first")
     packed = [(name, layer) for name, layer in model.named_modules() if isinstance(layer, WQLinear_GEMM)]
     for name, layer in packed:
         lowbit.check_int4_shape(name, layer.in_features, layer.out_features, config["group_size"])
@@ -274,11 +309,8 @@ def awq_to_cpu_int4(model: nn.Module) -> nn.Module:
 def int8(model: nn.Module) -> nn.Module:
     """Weight-only INT8 (one scale per output row) on every block linear and the LM head, bf16 elsewhere; in place."""
     _check_unquantized(model)
-    linears = _block_linears(model)
-    for name, linear in linears:
-        lowbit.check_int8_shape(name, linear.in_features)
-    _check_int8_head(model)
-    for name, linear in linears:
+    _check_int8_shapes(model)
+    for name, linear in _block_linears(model):
         model.set_submodule(name, lowbit.Int8Linear.from_linear(linear))
     return _finish(model, "int8")
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import SettingError
 from ._hooks import BlockStream, capture_inputs
 from .importance._calibration import per_block
 from .plan import PruningPlan
@@ -208,7 +209,7 @@ def reconstruct(model: nn.Module, plan: PruningPlan, calib, *, ridge: float = DE
     """
     plan.validate(model)
     if not isinstance(ridge, (int, float)) or not ridge >= 0:
-        raise ValueError(f"ridge must be a non-negative number, got {ridge!r}")
+        raise SettingError(f"ridge must be a non-negative number, got {ridge!r}")
     adapter = adapter_for(model)
     blocks = adapter.blocks(model)
     kept = [i for i in range(len(blocks)) if i not in set(plan.layers)]

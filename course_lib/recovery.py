@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from transformers import (EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments,
                           default_data_collator)
 
+from .errors import SettingError
 from .pruned_modeling import adapter_for
 
 
@@ -48,7 +49,7 @@ class RecoveryConfig:
     epochs: int = 1
     learning_rate: float = 3e-4  # best of 1e-5 / 1e-4 / 3e-4 for the course's decoder at 32k tokens
     batch_size: int = 8  # sequences (or examples) per optimizer step, over all processes
-    warmup: float = 0.1  # share of all steps
+    warmup: float = 0.1  # share of all steps (whole steps, rounded down)
     evaluations: int = 4  # validation evaluations, evenly spaced; the last one is at the final step
     patience: int = 2  # evaluations without improvement before stopping
     weight_decay: float = 0.0
@@ -70,10 +71,10 @@ class RecoveryConfig:
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(f"RecoveryConfig: invalid {bad[0]}={getattr(self, bad[0])!r} "
-                             "(tokens: None or >= 1; epochs, batch_size, evaluations, patience >= 1; "
-                             "learning_rate, temperature > 0; warmup in [0, 1); distill_alpha in [0, 1]; "
-                             "lora_rank, hidden_weight >= 0)")
+            raise SettingError(f"RecoveryConfig: invalid {bad[0]}={getattr(self, bad[0])!r} "
+                               "(tokens: None or >= 1; epochs, batch_size, evaluations, patience >= 1; "
+                               "learning_rate, temperature > 0; warmup in [0, 1); distill_alpha in [0, 1]; "
+                               "lora_rank, hidden_weight >= 0)")
 
 
 def bf16_supported(device: torch.device | str) -> bool:
@@ -165,15 +166,15 @@ def _lora_targets(model: nn.Module, rank: int) -> list[str]:
     try:
         adapter = adapter_for(model)
     except ValueError as error:
-        raise ValueError(f"lora_rank={rank}: no LoRA target modules known for this model ({error}); "
-                         "use lora_rank=0") from None
+        raise SettingError(f"lora_rank={rank}: no LoRA target modules known for this model ({error}); "
+                           "use lora_rank=0") from None
     block = adapter.blocks(model)[0]
     linears = [*adapter.qkv(block), adapter.o_proj(block), *adapter.mlp_in(block), adapter.mlp_out(block)]
     names = {name.rsplit(".", 1)[-1] for name, module in block.named_modules()
              if isinstance(module, nn.Linear) and any(module is linear for linear in linears)}
     if not names:
-        raise ValueError(f"lora_rank={rank}: the model's blocks have no nn.Linear layers for LoRA to wrap "
-                         "(a quantized model?); use lora_rank=0")
+        raise SettingError(f"lora_rank={rank}: the model's blocks have no nn.Linear layers for LoRA to wrap "
+                           "(a quantized model?); use lora_rank=0")
     return sorted(names)
 
 
@@ -187,7 +188,7 @@ def causal_lm_dataset(tokenizer, texts: list[str], block_size: int, limit: int |
     ids = tokenizer(sep.join(texts), return_tensors="pt", verbose=False)["input_ids"][0]
     n_blocks = ids.numel() // block_size
     if n_blocks < 1:
-        raise ValueError(f"texts hold {ids.numel()} tokens, fewer than block_size={block_size}")
+        raise SettingError(f"texts hold {ids.numel()} tokens, fewer than block_size={block_size}")
     blocks = ids[: n_blocks * block_size].reshape(n_blocks, block_size)[:limit]
     return Dataset.from_dict({"input_ids": blocks.tolist(), "labels": blocks.tolist()})
 
@@ -212,14 +213,14 @@ def training_steps(config: RecoveryConfig, train: Dataset) -> tuple[int, int]:
 def _check(model: nn.Module, train: Dataset, eval_set: Dataset, config: RecoveryConfig, teacher) -> list[str] | None:
     """Every setting checked before any training; returns the LoRA targets (or None)."""
     if teacher is not None and config.distill_alpha == 0 and config.hidden_weight == 0:
-        raise ValueError("teacher given but distill_alpha=0 and hidden_weight=0; set distill_alpha in (0, 1] "
-                         "or hidden_weight > 0")
+        raise SettingError("teacher given but distill_alpha=0 and hidden_weight=0; set distill_alpha in (0, 1] "
+                           "or hidden_weight > 0")
     if teacher is None and (config.distill_alpha > 0 or config.hidden_weight > 0):
-        raise ValueError(f"distill_alpha={config.distill_alpha}, hidden_weight={config.hidden_weight} need a "
-                         "teacher (the unpruned model); pass teacher= or set both to 0")
+        raise SettingError(f"distill_alpha={config.distill_alpha}, hidden_weight={config.hidden_weight} need a "
+                           "teacher (the unpruned model); pass teacher= or set both to 0")
     for name, split in (("train", train), ("eval_set", eval_set)):
         if len(split) == 0:
-            raise ValueError(f"{name} is empty; recovery needs at least one row")
+            raise SettingError(f"{name} is empty; recovery needs at least one row")
     return _lora_targets(model, config.lora_rank) if config.lora_rank else None
 
 
@@ -303,14 +304,17 @@ def fine_tune(model: nn.Module, train: Dataset, eval_set: Dataset, config: Recov
     args = TrainingArguments(
         output_dir=output_dir or "unused", max_steps=steps, learning_rate=config.learning_rate,
         per_device_train_batch_size=1, per_device_eval_batch_size=config.batch_size,
-        lr_scheduler_type="cosine", warmup_steps=config.warmup, weight_decay=config.weight_decay,
+        # Warm-up in whole steps, rounded down: the Trainer rounds a ratio up, and its first warm-up
+        # step runs at learning rate 0, so a 1-step budget (a round of an iterative schedule) or 1 of 4
+        # steps would be spent without training.
+        lr_scheduler_type="cosine", warmup_steps=int(config.warmup * steps), weight_decay=config.weight_decay,
         eval_strategy="steps", eval_steps=steps // config.evaluations, save_strategy="steps",
         save_steps=steps // config.evaluations, load_best_model_at_end=True, metric_for_best_model="eval_loss",
         greater_is_better=False, save_total_limit=1, save_only_model=True, logging_steps=1,
         report_to="none", seed=config.seed, disable_tqdm=True, use_cpu=device == "cpu", bf16=bf16,
     )
     if config.batch_size % args.world_size:
-        raise ValueError(f"batch_size={config.batch_size} must be a multiple of the {args.world_size} processes")
+        raise SettingError(f"batch_size={config.batch_size} must be a multiple of the {args.world_size} processes")
     args.per_device_train_batch_size = config.batch_size // args.world_size
     before = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     frozen = model.get_input_embeddings().weight if config.freeze_embeddings else None

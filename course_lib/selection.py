@@ -85,6 +85,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import SettingError
 from .plan import PruningPlan, parameters_removed
 from .pruned_modeling import adapter_for
 
@@ -109,39 +110,39 @@ _EPS = 1e-9
 # ---- argument checks (all run before any work) -------------------------------------------------
 def _check_choice(name: str, value, allowed: Sequence[str]) -> None:
     if value not in allowed:
-        raise ValueError(f"{name}={value!r} is unknown; allowed values: {list(allowed)}")
+        raise SettingError(f"{name}={value!r} is unknown; allowed values: {list(allowed)}")
 
 
 def _check_int(name: str, value, minimum: int | None = None, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise SettingError(f"{name} must be an integer, got {value!r}")
     if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise SettingError(f"{name} must be >= {minimum}, got {value}")
 
 
 def _check_amount(fraction, count) -> None:
     if (fraction is None) == (count is None):
-        raise ValueError(
+        raise SettingError(
             f"give exactly one of fraction and count (got fraction={fraction!r}, count={count!r})"
         )
     if fraction is not None:
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.floating, np.integer)):
-            raise ValueError(f"fraction must be in [0, 1), got {fraction!r}")
+            raise SettingError(f"fraction must be in [0, 1), got {fraction!r}")
         if not (0 <= float(fraction) < 1):
-            raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+            raise SettingError(f"fraction must be in [0, 1), got {fraction}")
     else:
         _check_int("count", count)
         if count < 0:
-            raise ValueError(f"count must be >= 0, got {count}")
+            raise SettingError(f"count must be >= 0, got {count}")
 
 
 def _check_protect(protect_first, protect_last, n_layers: int) -> None:
     _check_int("protect_first", protect_first, 0)
     _check_int("protect_last", protect_last, 0)
     if protect_first + protect_last >= n_layers:
-        raise ValueError(
+        raise SettingError(
             f"protect_first + protect_last = {protect_first + protect_last} but the model has {n_layers} layers; "
             "at least one layer must stay unprotected"
         )
@@ -162,7 +163,7 @@ def _requested(fraction, count, total: int, unit: str) -> int:
     if fraction is not None:
         return int(math.floor(float(fraction) * total + _EPS))
     if count > total:
-        raise ValueError(f"count={count} is out of range [0, {total}] ({unit} in the model)")
+        raise SettingError(f"count={count} is out of range [0, {total}] ({unit} in the model)")
     return int(count)
 
 
@@ -170,14 +171,14 @@ def _as_array(scores, name: str = "scores") -> np.ndarray:
     try:
         arr = torch.as_tensor(scores).detach().to(torch.float64).cpu().numpy()
     except Exception as exc:  # noqa: BLE001 - anything that isn't numeric
-        raise ValueError(f"{name} must be a numeric tensor, got {type(scores).__name__}") from exc
+        raise SettingError(f"{name} must be a numeric tensor, got {type(scores).__name__}") from exc
     return arr
 
 
 def _check_finite(values: np.ndarray, what: str) -> None:
     bad = np.argwhere(~np.isfinite(values))
     if bad.size:
-        raise ValueError(f"scores: {what} {bad[0].tolist()} is NaN or infinite; scores must be finite")
+        raise SettingError(f"scores: {what} {bad[0].tolist()} is NaN or infinite; scores must be finite")
 
 
 # ---- per-layer feasible states -----------------------------------------------------------------
@@ -382,14 +383,14 @@ def _run(opts, *, budget, requested, unit, kind, strict, constraint_text) -> tup
     if budget == "structures":
         capacity = sum(int(o.removed[-1]) for o in opts)
         if requested > capacity:
-            raise ValueError(
+            raise SettingError(
                 f"{kind}: {requested} {unit} requested but at most {capacity} can be removed with {constraint_text}"
             )
         choice = _solve(opts, target=requested)
     else:
         capacity = sum(int(o.weight.max()) for o in opts)
         if requested > capacity:
-            raise ValueError(
+            raise SettingError(
                 f"{kind}: a budget of {requested} parameters was requested but at most {capacity} can be removed "
                 f"with {constraint_text}"
             )
@@ -410,7 +411,7 @@ def _run(opts, *, budget, requested, unit, kind, strict, constraint_text) -> tup
         msg = (f"{kind}: {requested} {unit} requested but only {achieved} are achievable with {constraint_text} "
                f"(rounded down to the nearest feasible configuration)")
         if strict:
-            raise ValueError(msg)
+            raise SettingError(msg)
         warnings.warn(msg, UserWarning, stacklevel=3)
     return choice, info
 
@@ -472,7 +473,7 @@ def select_heads(
     if granularity == "kv_group":
         allowed.setdefault((n_layers, g_max), "[num_layers, max KV groups]")
     if tuple(arr.shape) not in allowed:
-        raise ValueError(
+        raise SettingError(
             f"scores has shape {tuple(arr.shape)} but select_heads(granularity={granularity!r}) needs "
             + " or ".join(f"{shape} {what}" for shape, what in allowed.items())
         )
@@ -533,18 +534,18 @@ def _neuron_scores(scores, sizes: list[int]) -> list[np.ndarray]:
     n_layers = len(sizes)
     if isinstance(scores, (list, tuple)):
         if len(scores) != n_layers:
-            raise ValueError(f"scores has {len(scores)} entries but the model has {n_layers} layers "
-                             "(need one [intermediate_size] vector per layer)")
+            raise SettingError(f"scores has {len(scores)} entries but the model has {n_layers} layers "
+                               "(need one [intermediate_size] vector per layer)")
         out = [_as_array(s, f"scores[{i}]") for i, s in enumerate(scores)]
         for i, (a, n) in enumerate(zip(out, sizes)):
             if a.ndim != 1 or a.shape[0] != n:
-                raise ValueError(f"scores[{i}] has shape {tuple(a.shape)} but layer {i} has {n} neurons; "
-                                 f"expected ({n},)")
+                raise SettingError(f"scores[{i}] has shape {tuple(a.shape)} but layer {i} has {n} neurons; "
+                                   f"expected ({n},)")
         return out
     arr = _as_array(scores)
     if arr.ndim != 2 or arr.shape != (n_layers, max(sizes)):
-        raise ValueError(f"scores has shape {tuple(arr.shape)} but select_neurons needs a list of {n_layers} "
-                         f"per-layer vectors or a NaN-padded tensor of shape {(n_layers, max(sizes))}")
+        raise SettingError(f"scores has shape {tuple(arr.shape)} but select_neurons needs a list of {n_layers} "
+                           f"per-layer vectors or a NaN-padded tensor of shape {(n_layers, max(sizes))}")
     return [arr[i, :n].copy() for i, n in enumerate(sizes)]
 
 
@@ -624,15 +625,15 @@ def select_layers(
     _check_protect(protect_first, protect_last, n_layers)
     arr = _as_array(scores)
     if arr.shape != (n_layers,):
-        raise ValueError(f"scores has shape {tuple(arr.shape)} but select_layers needs ({n_layers},) (one per layer)")
+        raise SettingError(f"scores has shape {tuple(arr.shape)} but select_layers needs ({n_layers},) (one per layer)")
     _check_finite(arr, "layer")
     if count is not None and count > n_layers - 1:
-        raise ValueError(f"count={count} is out of range [0, {n_layers - 1}] (at least one of {n_layers} layers stays)")
+        raise SettingError(f"count={count} is out of range [0, {n_layers - 1}] (at least one of {n_layers} layers stays)")
     requested = _requested(fraction, count, n_layers, "layers")
     candidates = [i for i in range(n_layers) if not _protected(i, n_layers, protect_first, protect_last)]
     if requested > len(candidates):
-        raise ValueError(f"select_layers: {requested} layers requested but only {len(candidates)} are unprotected "
-                         f"(protect_first={protect_first}, protect_last={protect_last})")
+        raise SettingError(f"select_layers: {requested} layers requested but only {len(candidates)} are unprotected "
+                           f"(protect_first={protect_first}, protect_last={protect_last})")
     chosen = sorted(sorted(candidates, key=lambda i: (arr[i], i))[:requested])
     plan = PruningPlan(layers=chosen)
     plan.validate(model)
@@ -649,9 +650,9 @@ def select_span(start: int, n: int, *, model: nn.Module | None = None) -> Prunin
     if model is not None:
         n_layers = len(adapter_for(model).blocks(model))
         if start + n > n_layers:
-            raise ValueError(f"start + n = {start + n} but the model has {n_layers} layers")
+            raise SettingError(f"start + n = {start + n} but the model has {n_layers} layers")
         if n >= n_layers:
-            raise ValueError(f"n={n} would remove all {n_layers} layers; at least one must stay")
+            raise SettingError(f"n={n} would remove all {n_layers} layers; at least one must stay")
     plan = PruningPlan(layers=list(range(start, start + n)))
     if model is not None:
         plan.validate(model)
@@ -677,8 +678,8 @@ def layer_normalised(scores):
         values = row[~torch.isnan(row)]
         median = values.median() if values.numel() else torch.tensor(float("nan"))
         if not bool(median > 0):
-            raise ValueError(f"scores: layer {i} has median score {float(median)}, not positive; "
-                             "cannot normalise by it")
+            raise SettingError(f"scores: layer {i} has median score {float(median)}, not positive; "
+                               "cannot normalise by it")
         out.append((row / median).float())
     return torch.stack(out) if padded else out
 
@@ -693,7 +694,7 @@ def merge_plans(*plans: PruningPlan, model: nn.Module | None = None) -> PruningP
     merged plan is validated (e.g. two head plans whose union leaves unequal KV groups raise).
     """
     if not all(isinstance(p, PruningPlan) for p in plans):
-        raise ValueError("merge_plans takes PruningPlan arguments only")
+        raise SettingError("merge_plans takes PruningPlan arguments only")
     layers = sorted({i for p in plans for i in p.layers})
     gone = set(layers)
 

@@ -6,6 +6,7 @@ cached as safetensors under ``data/cache/models/``, so notebooks and the pipelin
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -31,12 +32,21 @@ def tokenized(tokenizer, split: Dataset) -> Dataset:
     return Dataset.from_dict({**encoded, "labels": list(split["label"])})
 
 
-def sentiment_accuracy(model, tokenizer, limit: int = 0) -> float:
-    """Accuracy on the held-out test split (the first ``limit`` rows if ``limit`` > 0)."""
+@functools.lru_cache(maxsize=4)
+def _test_rows(limit: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """(texts, labels) of the test split's first ``limit`` rows (all if 0), read once per process:
+    reading the split verifies and parses the source file (a third of a second), which an
+    iterative schedule measuring accuracy dozens of times would otherwise pay every time."""
     test = load_sentiment()["test"]
     if limit:
         test = test.select(range(min(limit, len(test))))
-    return classifier_accuracy(model, tokenizer, list(test["text"]), list(test["label"]), max_length=MAX_LENGTH)
+    return tuple(test["text"]), tuple(test["label"])
+
+
+def sentiment_accuracy(model, tokenizer, limit: int = 0) -> float:
+    """Accuracy on the held-out test split (the first ``limit`` rows if ``limit`` > 0)."""
+    texts, labels = _test_rows(limit)
+    return classifier_accuracy(model, tokenizer, texts, labels, max_length=MAX_LENGTH)
 
 
 def baseline_dir(profile: str | None = None) -> Path:

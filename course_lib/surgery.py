@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import SettingError
 from .plan import PruningPlan, parameters_removed  # noqa: F401 - parameters_removed: part of this API
 from .pruned_modeling import adapter_for, mark_pruned
 
@@ -21,7 +22,7 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
     structures' contributions zeroed. Returns the same model object for chaining.
     """
     if getattr(model.config, "quantization_config", None) is not None:
-        raise ValueError("model is quantized; prune first, then quantize (packed weights cannot be sliced)")
+        raise SettingError("model is quantized; prune first, then quantize (packed weights cannot be sliced)")
     plan.validate(model)
     adapter = adapter_for(model)
     blocks = adapter.blocks(model)

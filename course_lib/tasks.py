@@ -15,6 +15,7 @@ import torch
 from datasets import Dataset
 from torch import nn
 
+from .errors import SettingError
 from . import data, sentiment, zoo
 from .evaluate import perplexity
 from .profiles import Profile
@@ -29,6 +30,10 @@ class DecoderTask:
     name: str
     quality_name = "perplexity"
     higher_is_better = False
+
+    def model_config(self):
+        """The decoder's config, without its weights: what ``pipeline.validate`` checks a run against."""
+        return zoo.decoder_config(self.name)
 
     def load(self):
         model, self.tokenizer = zoo.load_decoder(self.name)
@@ -84,6 +89,10 @@ class EncoderTask:
     quality_name = "accuracy"
     higher_is_better = True
 
+    def model_config(self):
+        """The encoder's config, without its weights (the fine-tuned baseline shares its blocks)."""
+        return zoo.encoder_config(self.name)
+
     def load(self):
         model, self.tokenizer, self.baseline_metrics = sentiment.load_baseline(self.profile.name)
         return model.to(self.profile.torch_device())
@@ -129,10 +138,11 @@ class EncoderTask:
 
 
 def task_for(name: str, profile: Profile):
-    """The embedded encoder is judged by accuracy; the embedded decoder and hub ids (causal LMs) by perplexity."""
+    """The embedded encoder is judged by accuracy; the embedded decoder, hub ids and local directories (causal
+    LMs) by perplexity."""
     if name in zoo.ENCODERS:
         return EncoderTask(profile, name)
-    if name in zoo.DECODERS or "/" in name:
+    if name in zoo.DECODERS or "/" in name or zoo.is_local_path(name):
         return DecoderTask(profile, name)
-    choices = sorted([*zoo.ENCODERS, *zoo.DECODERS])
-    raise ValueError(f"model={name!r} is unknown; choose one of {choices} or a hub id like 'HuggingFaceTB/SmolLM2-360M'")
+    raise SettingError(f"{name!r} is neither a local directory, an embedded model nor a hub id like "
+                       f"'HuggingFaceTB/SmolLM2-360M'; {zoo.available_models()}")

@@ -27,13 +27,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import SettingError
+
 PREFILL_CALLS = 3  # forward passes timed per model and round
 
 
 def round_robin(names: list[str], rounds: int) -> list[list[str]]:
     """The order of each round: round r starts at model r (mod n), so each model goes first as often as any."""
     if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
+        raise SettingError(f"rounds must be >= 1, got {rounds}")
     return [names[r % len(names):] + names[:r % len(names)] for r in range(rounds)] if names else []
 
 
@@ -107,9 +109,9 @@ def compare(models: dict[str, nn.Module], *, seq: int = 128, new_tokens: int = 3
     for name, value in (("seq", seq), ("new_tokens", new_tokens), ("rounds", rounds),
                         ("prefill_calls", prefill_calls)):
         if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+            raise SettingError(f"{name} must be >= 1, got {value}")
     if warmup < 0:
-        raise ValueError(f"warmup must be >= 0, got {warmup}")
+        raise SettingError(f"warmup must be >= 0, got {warmup}")
     prefill, decode = timers
     names = list(models)
     prompts = {name: prompt(model, seq) for name, model in models.items()}
@@ -154,5 +156,5 @@ def paired_speedup(baseline: list[float] | None, other: list[float] | None) -> f
     if not baseline or not other:
         return None
     if len(baseline) != len(other):
-        raise ValueError(f"paired samples must be as many on both sides, got {len(baseline)} and {len(other)}")
+        raise SettingError(f"paired samples must be as many on both sides, got {len(baseline)} and {len(other)}")
     return statistics.median(b / o for b, o in zip(baseline, other))

@@ -141,10 +141,11 @@ class HeadPruningExplorer:
         return round(float(fraction), 4)
 
     def plan_for(self, fraction: float) -> tuple[PruningPlan, int]:
-        """(plan, requested heads) for ``fraction``; rounding warnings are recorded, not shown."""
+        """(plan, requested heads) for ``fraction`` as given (only the cache key is rounded); rounding
+        warnings are recorded, not shown."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            plan = select_heads(self.model, self.scores, fraction=self.key(fraction), **self.select_kwargs)
+            plan = select_heads(self.model, self.scores, fraction=float(fraction), **self.select_kwargs)
         infos = selection_info(plan)
         requested = infos[0]["requested"] if infos else 0
         return plan, requested
@@ -154,7 +155,7 @@ class HeadPruningExplorer:
         key = self.key(fraction)
         if key in self.cache:
             return self.cache[key]
-        plan, requested = self.plan_for(key)
+        plan, requested = self.plan_for(fraction)  # the value itself: 0.0833 x 72 heads would floor to 5, not 6
         matrix = plan_matrix(self.model, plan)
         removed = int(np.sum(matrix == 0))
         if removed == 0:

@@ -29,11 +29,14 @@ class TinyDecoderTask:
     data_collator = None
     tokenizer = _NoTokenizer()
 
+    def model_config(self):
+        return LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=256, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                           architectures=["LlamaForCausalLM"])
+
     def load(self):
         torch.manual_seed(0)
-        return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=256,
-                                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                                            head_dim=16)).eval()
+        return LlamaForCausalLM(self.model_config()).eval()
 
     def _ids(self, n, seed):
         starts = torch.randint(0, 64, (n, 1), generator=torch.Generator().manual_seed(seed))
@@ -62,10 +65,13 @@ class TinyEncoderTask:
     data_collator = None
     tokenizer = _NoTokenizer()
 
+    def model_config(self):
+        return BertConfig(vocab_size=64, hidden_size=64, intermediate_size=256, num_hidden_layers=3,
+                          num_attention_heads=4, architectures=["BertForSequenceClassification"])
+
     def load(self):
         torch.manual_seed(0)
-        return BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=64, intermediate_size=256,
-                                                        num_hidden_layers=3, num_attention_heads=4)).eval()
+        return BertForSequenceClassification(self.model_config()).eval()
 
     def _data(self, n, seed):
         ids = torch.randint(0, 64, (n, 12), generator=torch.Generator().manual_seed(seed))
@@ -158,11 +164,10 @@ def test_budget_pipeline_removes_the_share_of_block_parameters(tmp_path, reconst
 class TinyAwqDecoderTask(TinyDecoderTask):
     """The same task on a Llama whose every width is a multiple of 64, as AWQ's packing needs."""
 
-    def load(self):
-        torch.manual_seed(0)
-        return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256,
-                                            num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
-                                            head_dim=64)).eval()
+    def model_config(self):
+        return LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                           architectures=["LlamaForCausalLM"])
 
 
 @pytest.mark.slow
@@ -243,11 +248,11 @@ def test_budget_and_explicit_amounts_are_exclusive():
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--neuron-fraction", "1.5"], "neuron_fraction must be in [0, 1), got 1.5"),
-    (["--head-method", "psychic"], "head_method='psychic' is unknown"),
-    (["--param-fraction", "1.2"], "param_fraction must be in [0, 1), got 1.2"),
-    (["--recovery-tokens", "-5"], "recovery_tokens must be >= 0"),
-    (["--temperature", "-1"], "invalid temperature=-1.0"),
+    (["--neuron-fraction", "1.5"], "--neuron-fraction must be in [0, 1), got 1.5"),
+    (["--head-method", "psychic"], "--head-method='psychic' is unknown"),
+    (["--param-fraction", "1.2"], "--param-fraction must be in [0, 1), got 1.2"),
+    (["--recovery-tokens", "-5"], "--recovery-tokens must be >= 0"),
+    (["--temperature", "-1"], "invalid --temperature=-1.0"),
 ])
 def test_cli_rejects_bad_arguments(tmp_path, args, message):
     result = subprocess.run([sys.executable, "-m", "course_lib", "run", "--out", str(tmp_path), *args],

@@ -1,6 +1,7 @@
 """A pruned model saves as safetensors + config + code, and reloads bit-identically.
 
-(a) in this process, where importing ``course_lib`` registers the ``pruned_*`` model types;
+(a) in this process, where importing ``course_lib`` registers the ``pruned_*`` model types, and in a
+    fresh process that imports nothing of the package but ``course_lib`` itself;
 (b) in a fresh Python process that cannot import ``course_lib`` at all, through
     ``AutoModel*.from_pretrained(dir, trust_remote_code=True)`` and the ``pruned_modeling.py``
     copied beside the weights; without ``trust_remote_code`` the error says to pass it;
@@ -42,6 +43,7 @@ from transformers import (
     RobertaModel,
 )
 
+import course_lib
 from course_lib.plan import PruningPlan
 from course_lib.reconstruction import prune_and_reconstruct
 from course_lib.surgery import apply_plan, parameters_removed
@@ -97,13 +99,42 @@ print("verdicts written")
 '''
 
 
-def run_fresh(jobs: list[dict], workdir: Path, timeout: int = 300) -> dict[str, dict]:
-    """Check ``jobs`` in a new interpreter that has no course_lib; return one verdict per job."""
+# Runs in a fresh interpreter too: ``import course_lib`` and transformers' Auto classes, nothing else of the
+# package. The pruned classes must come from course_lib's registration, not from the copied file.
+REGISTERED_CHECK = r'''
+import json, sys
+import course_lib
+light = sorted({"torch", "transformers"} & set(sys.modules))
+import torch
+import transformers
+from safetensors.torch import load_file
+
+torch.set_num_threads(1)
+jobs, verdict_file = json.loads(sys.argv[1]), sys.argv[2]
+verdicts = {}
+for job in jobs:
+    model = getattr(transformers, job["auto"]).from_pretrained(job["dir"]).eval()
+    t = load_file(job["tensors"])
+    with torch.no_grad():
+        got = getattr(model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]), job["output"])
+    verdicts[job["name"]] = {"class": type(model).__name__, "module": type(model).__module__,
+                             "output_equal": bool(got.shape == t["expected"].shape and torch.equal(got, t["expected"])),
+                             "heavy_after_import": light}
+with open(verdict_file, "w") as handle:
+    json.dump(verdicts, handle)
+'''
+
+
+def run_fresh(jobs: list[dict], workdir: Path, timeout: int = 300, script: str = FRESH_CHECK) -> dict[str, dict]:
+    """Check ``jobs`` in a new interpreter running ``script``; return one verdict per job.
+
+    The interpreter finds this checkout's course_lib (``PYTHONPATH``), which ``FRESH_CHECK`` then blocks.
+    """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(workdir / "hf_modules"),
-           "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
-    env.pop("PYTHONPATH", None)
+           "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(course_lib.__file__).resolve().parent.parent)}
     verdict_file = workdir / "verdicts.json"
-    proc = subprocess.run([sys.executable, "-c", FRESH_CHECK, json.dumps(jobs), str(verdict_file)], cwd=workdir,
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(jobs), str(verdict_file)], cwd=workdir,
                           env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0 and verdict_file.is_file(), (
         f"fresh process failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -331,6 +362,19 @@ def test_reload_in_process_is_bit_identical(tiny, name):
 @pytest.mark.parametrize("name", TINY)
 def test_fresh_process_without_course_lib_is_bit_identical(tiny, tiny_fresh, name):
     check_fresh_verdict(tiny[name], tiny_fresh[name])
+
+
+def test_import_course_lib_alone_registers_the_pruned_types(tiny, tmp_path):
+    """A fresh process: ``import course_lib`` (which loads neither torch nor transformers), then
+    ``AutoModelForCausalLM`` / ``AutoModelForSequenceClassification.from_pretrained(dir)``."""
+    names = ["llama", "bert_classifier"]
+    verdicts = run_fresh([tiny[n].job() for n in names], tmp_path, script=REGISTERED_CHECK)
+    for name in names:
+        verdict = verdicts[name]
+        assert verdict["heavy_after_import"] == [], "import course_lib loaded torch or transformers"
+        assert verdict["module"] == "course_lib.pruned_modeling", verdict["module"]  # registered, not remote code
+        assert verdict["class"] == type(tiny[name].model).__name__
+        assert verdict["output_equal"], f"{name}: logits differ after reload in a fresh process"
 
 
 @pytest.mark.parametrize("name", TINY)

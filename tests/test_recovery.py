@@ -146,6 +146,22 @@ def test_token_budget_sets_the_steps_and_recovery_never_changes_shapes():
     assert result["best_eval_loss"] < result["initial_eval_loss"]
 
 
+@pytest.mark.parametrize("tokens,warmup_steps", [(128, 0), (512, 0), (1280, 1)])
+def test_every_step_of_a_short_budget_trains(tokens, warmup_steps):
+    """A warm-up share shorter than one step is no warm-up: a first step at learning rate 0 would
+    leave a one-step round of an iterative schedule untrained."""
+    model = _tiny_pruned_llama()
+    before = copy.deepcopy(model.state_dict())
+    train, held_out = _pattern_dataset(64, 1), _pattern_dataset(16, 2)
+    result = fine_tune(model, train, held_out, RecoveryConfig(tokens=tokens, learning_rate=3e-3, evaluations=1,
+                                                              warmup=0.1), progress=False)
+    rates = [h["learning_rate"] for h in result["log_history"] if "learning_rate" in h]
+    assert len(rates) == tokens // 128
+    assert sum(rate == 0 for rate in rates) == warmup_steps
+    assert result["best_eval_loss"] < result["initial_eval_loss"]
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("lora_rank", [0, 4])
 def test_a_bf16_recovery_hands_back_a_model_that_computes_in_fp32(lora_rank):
     """accelerate wraps forward in bf16 autocast for training; the wrapper must not outlive it."""

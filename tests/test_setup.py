@@ -24,7 +24,7 @@ def test_environment_yml_matches_requirements():
 
 
 def test_every_dependency_is_pinned_exactly():
-    for name in ("requirements.txt", "requirements-nodeps.txt"):
+    for name in ("requirements.txt", "requirements-nodeps.txt", "requirements-browser.txt"):
         for pin in _pins((ROOT / name).read_text().splitlines()):
             assert "==" in pin, f"{name}: {pin!r} is not pinned with =="
 
@@ -39,6 +39,13 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     assert "make test" in readme and "make demo" in readme
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_make_test_installs_the_browser_test_dependencies():
+    """The browser test skips without Playwright and Chromium; `make test` must try to provide them."""
+    makefile = (ROOT / "Makefile").read_text()
+    assert "test: fetch browser" in makefile
+    assert "install -r requirements-browser.txt" in makefile and "apt-get install -y -q chromium" in makefile
 
 
 def test_profiles_change_sizes_not_fields():

@@ -56,6 +56,14 @@ def _explorer(model, scores, **kwargs):
     return head_pruning_explorer(model, scores, **options)
 
 
+def test_a_slider_step_of_one_twelfth_requests_one_head_in_twelve(tiny_bert, scores):
+    """The cache key is the fraction to 4 decimals, but selection takes the slider's value:
+    0.0833 x 12 heads would floor to 0 heads, 1/12 x 12 is 1."""
+    _, explorer = _explorer(tiny_bert, scores, step=1 / 12)
+    explorer.slider.value = explorer.slider.step
+    assert explorer.current.requested_heads == 1
+
+
 def test_slider_selects_the_plan_and_counts_parameters(tiny_bert, scores):
     before = copy.deepcopy(tiny_bert.state_dict())
     widget, explorer = _explorer(tiny_bert, scores)

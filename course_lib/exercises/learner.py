@@ -13,6 +13,8 @@ from pathlib import Path
 
 import nbformat
 
+from ..errors import SettingError
+
 BEGIN, END = "# BEGIN SOLUTION", "# END SOLUTION"
 
 
@@ -23,19 +25,19 @@ def strip_solutions(source: str) -> str:
         stripped = line.strip()
         if stripped == BEGIN:
             if inside:
-                raise ValueError(f"nested {BEGIN!r}")
+                raise SettingError(f"nested {BEGIN!r}")
             inside = True
             indent = re.match(r"\s*", line).group(0)
             out.append(f"{indent}# YOUR CODE HERE")
             out.append(f"{indent}raise NotImplementedError")
         elif stripped == END:
             if not inside:
-                raise ValueError(f"{END!r} without {BEGIN!r}")
+                raise SettingError(f"{END!r} without {BEGIN!r}")
             inside = False
         elif not inside:
             out.append(line)
     if inside:
-        raise ValueError(f"{BEGIN!r} without {END!r}")
+        raise SettingError(f"{BEGIN!r} without {END!r}")
     return "\n".join(out)
 
 

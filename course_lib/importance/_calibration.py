@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import SettingError
+
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 
@@ -46,52 +48,52 @@ def make_batches(calib, batch_size: int, pad_token_id: int | None = 0) -> list[B
     tokens, and naming ``batch_size`` for a non-positive batch size.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got batch_size={batch_size!r}")
+        raise SettingError(f"batch_size must be a positive integer, got batch_size={batch_size!r}")
     if calib is None:
-        raise ValueError("calib is required for this method: pass a LongTensor [N, T] of token ids "
-                         "or a list of dicts with input_ids / attention_mask")
+        raise SettingError("calib is required for this method: pass a LongTensor [N, T] of token ids "
+                           "or a list of dicts with input_ids / attention_mask")
     if isinstance(calib, torch.Tensor):
         return _tensor_batches(calib, batch_size)
     if isinstance(calib, Mapping):
         calib = [calib]
     if not isinstance(calib, Sequence) or isinstance(calib, (str, bytes)):
-        raise ValueError(f"calib must be a LongTensor [N, T] or a list of dicts of tensors, got {type(calib).__name__}")
+        raise SettingError(f"calib must be a LongTensor [N, T] or a list of dicts of tensors, got {type(calib).__name__}")
     return _dict_batches(calib, batch_size, 0 if pad_token_id is None else int(pad_token_id))
 
 
 def _tensor_batches(ids: torch.Tensor, batch_size: int) -> list[Batch]:
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise ValueError(f"calib must hold integer token ids, got dtype {ids.dtype}")
+        raise SettingError(f"calib must hold integer token ids, got dtype {ids.dtype}")
     if ids.dim() != 2:
-        raise ValueError(f"calib must be a LongTensor [N, T] (got shape {tuple(ids.shape)}); "
-                         "for one sequence use calib.unsqueeze(0)")
+        raise SettingError(f"calib must be a LongTensor [N, T] (got shape {tuple(ids.shape)}); "
+                           "for one sequence use calib.unsqueeze(0)")
     n, t = ids.shape
     if n == 0:
-        raise ValueError("calib is empty (0 sequences); pass at least one calibration sequence")
+        raise SettingError("calib is empty (0 sequences); pass at least one calibration sequence")
     if t < MIN_TOKENS:
-        raise ValueError(f"calib sequences are too short: {t} token(s) each, at least {MIN_TOKENS} are needed")
+        raise SettingError(f"calib sequences are too short: {t} token(s) each, at least {MIN_TOKENS} are needed")
     ids = ids.long()
     return [{"input_ids": chunk, "attention_mask": torch.ones_like(chunk)} for chunk in ids.split(batch_size)]
 
 
 def _dict_batches(items: Sequence, batch_size: int, pad_token_id: int) -> list[Batch]:
     if len(items) == 0:
-        raise ValueError("calib is empty (an empty list); pass at least one calibration example")
+        raise SettingError("calib is empty (an empty list); pass at least one calibration example")
     rows: list[dict[str, torch.Tensor]] = []
     keys: set[str] | None = None
     for i, item in enumerate(items):
         if not isinstance(item, Mapping) or "input_ids" not in item:
-            raise ValueError(f"calib[{i}] must be a dict with at least 'input_ids', got {type(item).__name__}")
+            raise SettingError(f"calib[{i}] must be a dict with at least 'input_ids', got {type(item).__name__}")
         present = {k for k in KNOWN_KEYS if k in item and item[k] is not None}
         if keys is None:
             keys = present
         elif present != keys:
-            raise ValueError(f"calib[{i}] has keys {sorted(present)} but calib[0] has {sorted(keys)}; "
-                             "every dict needs the same keys")
+            raise SettingError(f"calib[{i}] has keys {sorted(present)} but calib[0] has {sorted(keys)}; "
+                               "every dict needs the same keys")
         ids = torch.as_tensor(item["input_ids"])
         if ids.dim() not in (1, 2):
-            raise ValueError(f"calib[{i}]['input_ids'] must be 1-D (one example) or 2-D (a batch), "
-                             f"got shape {tuple(ids.shape)}")
+            raise SettingError(f"calib[{i}]['input_ids'] must be 1-D (one example) or 2-D (a batch), "
+                               f"got shape {tuple(ids.shape)}")
         batched = ids.dim() == 2
         fields = {k: torch.as_tensor(item[k]) for k in present}
         fields.setdefault("attention_mask", torch.ones_like(ids))
@@ -100,12 +102,12 @@ def _dict_batches(items: Sequence, batch_size: int, pad_token_id: int) -> list[B
             row = {k: (v[r] if batched else v) for k, v in fields.items()}
             rows.append(row)
     if not rows:
-        raise ValueError("calib is empty (its dicts hold 0 rows); pass at least one calibration example")
+        raise SettingError("calib is empty (its dicts hold 0 rows); pass at least one calibration example")
     for i, row in enumerate(rows):
         real = int(row["attention_mask"].sum())
         if row["input_ids"].numel() < MIN_TOKENS or real < MIN_TOKENS:
-            raise ValueError(f"calib sequence {i} is too short: {real} non-padding token(s), "
-                             f"at least {MIN_TOKENS} are needed")
+            raise SettingError(f"calib sequence {i} is too short: {real} non-padding token(s), "
+                               f"at least {MIN_TOKENS} are needed")
     return [_collate(rows[s : s + batch_size], pad_token_id) for s in range(0, len(rows), batch_size)]
 
 
@@ -192,8 +194,8 @@ def labels_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     out = model(**model_inputs(model, batch), labels=batch["labels"])
     loss = getattr(out, "loss", None)
     if loss is None:
-        raise ValueError(f"{type(model).__name__} returned no loss for the batch's labels; pass "
-                         "loss_fn=lambda model, batch: <scalar tensor>")
+        raise SettingError(f"{type(model).__name__} returned no loss for the batch's labels; pass "
+                           "loss_fn=lambda model, batch: <scalar tensor>")
     return loss
 
 
@@ -201,7 +203,7 @@ def resolve_loss_fn(model: nn.Module, loss_fn: LossFn | None, batches: list[Batc
     """``loss_fn`` itself, else the LM loss for causal LMs, else the head's loss on ``labels``."""
     if loss_fn is not None:
         if not callable(loss_fn):
-            raise ValueError(f"loss_fn must be callable (model, batch) -> scalar tensor, got {type(loss_fn).__name__}")
+            raise SettingError(f"loss_fn must be callable (model, batch) -> scalar tensor, got {type(loss_fn).__name__}")
         return loss_fn
     if is_causal_lm(model):
         return causal_lm_loss
@@ -210,7 +212,7 @@ def resolve_loss_fn(model: nn.Module, loss_fn: LossFn | None, batches: list[Batc
         return labels_loss
     reason = ("it is a bare backbone without a head" if not has_head
               else "it is not a causal LM and the calibration batches have no 'labels'")
-    raise ValueError(
+    raise SettingError(
         f"cannot derive a loss for {type(model).__name__} ({reason}); pass "
         "loss_fn=lambda model, batch: <scalar tensor> (batch is a dict with input_ids, attention_mask, ...)"
     )
@@ -218,11 +220,11 @@ def resolve_loss_fn(model: nn.Module, loss_fn: LossFn | None, batches: list[Batc
 
 def as_scalar(loss) -> torch.Tensor:
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise ValueError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
-                         f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
+        raise SettingError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
+                           f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
     if not loss.requires_grad:
-        raise ValueError("loss_fn returned a tensor that does not depend on the model's parameters "
-                         "(computed under torch.no_grad()?)")
+        raise SettingError("loss_fn returned a tensor that does not depend on the model's parameters "
+                           "(computed under torch.no_grad()?)")
     return loss.reshape(())
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import SettingError
 from ..pruned_modeling import adapter_for
 from ._calibration import (
     LossFn,
@@ -67,7 +68,7 @@ def head_scores(
     batch's ``labels``. See the module docstring for the definitions.
     """
     if method not in HEAD_METHODS:
-        raise ValueError(f"unknown head scoring method {method!r}; allowed: {', '.join(HEAD_METHODS)}")
+        raise SettingError(f"unknown head scoring method {method!r}; allowed: {', '.join(HEAD_METHODS)}")
     adapter = adapter_for(model)
     blocks = list(adapter.blocks(model))
     shapes = [(adapter.num_heads(b), adapter.num_kv_heads(b)) for b in blocks]
@@ -95,12 +96,12 @@ def kv_group_scores(head_scores: torch.Tensor, model: nn.Module) -> torch.Tensor
     adapter = adapter_for(model)
     blocks = list(adapter.blocks(model))
     if head_scores.dim() != 2 or head_scores.shape[0] != len(blocks):
-        raise ValueError(f"head_scores must be [L={len(blocks)}, H_max], got shape {tuple(head_scores.shape)}")
+        raise SettingError(f"head_scores must be [L={len(blocks)}, H_max], got shape {tuple(head_scores.shape)}")
     per_layer = []
     for layer, block in enumerate(blocks):
         nq, nkv = adapter.num_heads(block), adapter.num_kv_heads(block)
         if head_scores.shape[1] < nq:
-            raise ValueError(f"head_scores has {head_scores.shape[1]} columns but layer {layer} has {nq} heads")
+            raise SettingError(f"head_scores has {head_scores.shape[1]} columns but layer {layer} has {nq} heads")
         per_layer.append(head_scores[layer, :nq].reshape(nkv, nq // nkv).sum(1))
     return _pad(per_layer).to(head_scores.dtype)
 

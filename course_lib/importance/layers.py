@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import SettingError
 from ..plan import PruningPlan
 from ..pruned_modeling import adapter_for
 from ..surgery import apply_plan
@@ -55,7 +56,7 @@ ORACLE_METRICS = ("perplexity", "loss")
 
 def _check_metric(metric: str) -> None:
     if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
+        raise SettingError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
 
 
 def token_distance(x_in: torch.Tensor, x_out: torch.Tensor, metric: str) -> torch.Tensor:
@@ -82,7 +83,7 @@ def span_distance(model: nn.Module, calib, n: int, *, metric: str = "angular", b
     _check_metric(metric)
     n_layers = len(adapter_for(model).blocks(model))
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= n_layers:
-        raise ValueError(f"n must be an integer in [1, {n_layers}] (the model has {n_layers} blocks), got n={n!r}")
+        raise SettingError(f"n must be an integer in [1, {n_layers}] (the model has {n_layers} blocks), got n={n!r}")
     return _span_scores(model, calib, n, metric, batch_size, progress, f"span distance n={n}")
 
 
@@ -90,7 +91,7 @@ def best_span(distances: torch.Tensor) -> tuple[int, float]:
     """``(start, value)`` of the smallest span distance (the first one on ties; NaNs skipped)."""
     d = torch.as_tensor(distances, dtype=torch.float64).reshape(-1)
     if d.numel() == 0 or torch.isnan(d).all():
-        raise ValueError("distances is empty (or all NaN); compute it with span_distance(model, calib, n)")
+        raise SettingError("distances is empty (or all NaN); compute it with span_distance(model, calib, n)")
     d = torch.where(torch.isnan(d), torch.full_like(d, float("inf")), d)
     start = int(torch.argmin(d))
     return start, float(d[start])
@@ -194,24 +195,24 @@ def layer_removal_oracle(
     chosen = list(range(n_layers)) if layers is None else [int(i) for i in layers]
     bad = [i for i in chosen if not 0 <= i < n_layers]
     if bad:
-        raise ValueError(f"layers {bad} out of range [0, {n_layers})")
+        raise SettingError(f"layers {bad} out of range [0, {n_layers})")
     if n_layers < 2:
-        raise ValueError("the model has a single layer; removing it leaves no model to evaluate")
+        raise SettingError("the model has a single layer; removing it leaves no model to evaluate")
     if callable(metric):
         evaluate = lambda m: float(metric(m, calib))  # noqa: E731
     elif metric in ORACLE_METRICS:
         batches = make_batches(calib, batch_size, pad_id(model))
         if metric == "perplexity":
             if not is_causal_lm(model):
-                raise ValueError(f"metric='perplexity' needs a causal LM, {type(model).__name__} is not; "
-                                 "use metric='loss' or a callable metric(model, calib) -> float")
+                raise SettingError(f"metric='perplexity' needs a causal LM, {type(model).__name__} is not; "
+                                   "use metric='loss' or a callable metric(model, calib) -> float")
             evaluate = lambda m: _perplexity(m, batches)  # noqa: E731
         else:
             fn = resolve_loss_fn(model, loss_fn, batches)
             evaluate = lambda m: _mean_loss(m, batches, fn)  # noqa: E731
     else:
-        raise ValueError(f"unknown metric {metric!r}; allowed: {', '.join(ORACLE_METRICS)} or a callable "
-                         "metric(model, calib) -> float")
+        raise SettingError(f"unknown metric {metric!r}; allowed: {', '.join(ORACLE_METRICS)} or a callable "
+                           "metric(model, calib) -> float")
     out = torch.full((n_layers,), float("nan"), dtype=torch.float64)
     with scoring_session(model), torch.no_grad():
         base = evaluate(model)
@@ -280,7 +281,7 @@ def rank_correlation(a, b) -> float:
     a = torch.as_tensor(a, dtype=torch.float64).reshape(-1)
     b = torch.as_tensor(b, dtype=torch.float64).reshape(-1)
     if a.numel() != b.numel():
-        raise ValueError(f"a and b must have the same number of values, got {a.numel()} and {b.numel()}")
+        raise SettingError(f"a and b must have the same number of values, got {a.numel()} and {b.numel()}")
     keep = ~(torch.isnan(a) | torch.isnan(b))
     a, b = a[keep], b[keep]
     if a.numel() < 2:

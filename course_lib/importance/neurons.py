@@ -46,6 +46,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import SettingError
 from ..pruned_modeling import adapter_for
 from ._calibration import (
     LossFn,
@@ -75,9 +76,9 @@ def neuron_scores(
 ) -> list[torch.Tensor]:
     """One ``[intermediate_size_l]`` float32 tensor per layer (higher = more important)."""
     if method not in NEURON_METHODS:
-        raise ValueError(f"unknown neuron scoring method {method!r}; allowed: {', '.join(NEURON_METHODS)}")
+        raise SettingError(f"unknown neuron scoring method {method!r}; allowed: {', '.join(NEURON_METHODS)}")
     if not eps >= 0:
-        raise ValueError(f"eps must be a non-negative number, got eps={eps!r}")
+        raise SettingError(f"eps must be a non-negative number, got eps={eps!r}")
     adapter = adapter_for(model)
     blocks = list(adapter.blocks(model))
     if method == "magnitude":
