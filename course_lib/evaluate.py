@@ -199,13 +199,12 @@ def classifier_accuracy(model: nn.Module, tokenizer, texts: list[str], labels, *
     tokens of batching in order, with the same predictions (padding is masked).
     """
     device = next(model.parameters()).device
-    texts = list(texts)
-    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
-    order = sorted(range(len(texts)), key=lengths.__getitem__)
-    predictions = torch.empty(len(texts), dtype=torch.long)
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
+    features = [{key: values[i] for key, values in encoded.items()} for i in range(len(encoded["input_ids"]))]
+    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+    predictions = torch.empty(len(features), dtype=torch.long)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        batch = tokenizer([texts[i] for i in rows], padding=True, truncation=True,
-                          max_length=max_length, return_tensors="pt").to(device)
+        batch = tokenizer.pad([features[i] for i in rows], return_tensors="pt").to(device)
         predictions[rows] = model(**batch).logits.argmax(-1).cpu()
     return accuracy(predictions, labels)

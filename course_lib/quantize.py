@@ -159,30 +159,44 @@ def awq_rescale(model: nn.Module, calib: torch.Tensor, *, group_size: int = 64, 
     return _run_awq(model, calib, group_size=group_size, zero_point=True, clip=clip, quantize=False)
 
 
-def rtn_int4(model: nn.Module, *, group_size: int = 64) -> nn.Module:
+def rtn_int4(model: nn.Module, *, group_size: int = 64, zero_point: str = "integer") -> nn.Module:
     """Round-to-nearest INT4 (asymmetric, one scale and zero point per group), simulated in fp32.
 
     The baseline AWQ is measured against: the same grid and groups, no calibration. Weights are
     rounded and stored back in fp32, so this is a quality reference, not a smaller model; the
     config is marked quantized so surgery refuses it like any other quantized model.
+    ``zero_point``: see ``quantize_groups``.
     """
+    _check_zero_point(zero_point)
     _check_unquantized(model)
     _check_columns(model, group_size)
     with torch.no_grad():
         for _, linear in _block_linears(model):
-            linear.weight.copy_(fake_quantize(linear.weight, group_size=group_size))
+            linear.weight.copy_(fake_quantize(linear.weight, group_size=group_size, zero_point=zero_point))
     model.config.quantization_config = {"quant_method": "rtn", "bits": 4, "group_size": group_size,
-                                        "simulated": True}
+                                        "zero_point": zero_point, "simulated": True}
     return model.eval()
 
 
-def quantize_groups(weight: torch.Tensor, *, group_size: int, bits: int = 4):
+ZERO_POINTS = ("integer", "float")
+
+
+def _check_zero_point(zero_point: str) -> None:
+    if zero_point not in ZERO_POINTS:
+        raise SettingError(f"zero_point must be one of {', '.join(ZERO_POINTS)}; got {zero_point!r}")
+
+
+def quantize_groups(weight: torch.Tensor, *, group_size: int, bits: int = 4, zero_point: str = "integer"):
     """``weight`` [out, in] on an asymmetric grid per group of ``group_size`` input columns.
 
-    Each group maps [min, max] onto 0 .. 2**bits - 1 with an integer zero point, as AWQ's
-    ``zero_point=True`` packing does. Returns ``(levels, scales, zeros)``: integers [out, in],
-    scales and zero points [out, in / group_size], with ``weight ~ (levels - zeros) * scales``.
+    Each group maps [min, max] onto 0 .. 2**bits - 1. Returns ``(levels, scales, zeros)``: integers
+    [out, in], scales and zero points [out, in / group_size], with ``weight ~ (levels - zeros) * scales``.
+    ``zero_point="integer"`` rounds the zero point to a level, as AWQ's ``zero_point=True`` packing
+    stores it, so the grid sits on multiples of the scale and the group's min may fall between two
+    levels. ``"float"`` keeps it unrounded, as GGUF's Q4_1 (a scale and a minimum per block) and the
+    CPU int4 kernel's float offsets do: the min is a level exactly.
     """
+    _check_zero_point(zero_point)
     rows, cols = weight.shape
     if cols % group_size:
         raise SettingError(f"group_size={group_size} does not divide the {cols} input columns")
@@ -190,14 +204,18 @@ def quantize_groups(weight: torch.Tensor, *, group_size: int, bits: int = 4):
     low, high = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
     top = 2**bits - 1
     scales = (high - low).clamp(min=1e-5) / top
-    zeros = (-torch.round(low / scales)).clamp(0, top)
-    levels = torch.clamp(torch.round(groups / scales) + zeros, 0, top)
+    if zero_point == "integer":
+        zeros = (-torch.round(low / scales)).clamp(0, top)
+        levels = torch.clamp(torch.round(groups / scales) + zeros, 0, top)
+    else:
+        zeros = -low / scales
+        levels = torch.clamp(torch.round((groups - low) / scales), 0, top)
     return levels.reshape(rows, cols), scales.squeeze(-1), zeros.squeeze(-1)
 
 
-def fake_quantize(weight: torch.Tensor, *, group_size: int, bits: int = 4) -> torch.Tensor:
+def fake_quantize(weight: torch.Tensor, *, group_size: int, bits: int = 4, zero_point: str = "integer") -> torch.Tensor:
     """``weight`` rounded to ``quantize_groups``' grid and back, in its own dtype."""
-    levels, scales, zeros = quantize_groups(weight, group_size=group_size, bits=bits)
+    levels, scales, zeros = quantize_groups(weight, group_size=group_size, bits=bits, zero_point=zero_point)
     rows, cols = weight.shape
     return ((levels.reshape(rows, -1, group_size) - zeros[..., None]) * scales[..., None]).reshape(rows, cols)
 

@@ -36,6 +36,7 @@ from course_lib.exercises.iterative import check_split
 from course_lib.exercises.layers import check_token_distance
 from course_lib.exercises.learner import BEGIN, strip_solutions, write_learner_copies
 from course_lib.exercises.neurons import check_gated_neuron_parameters, check_wanda_scores
+from course_lib.exercises.quantize import check_rtn_int4
 from course_lib.exercises.recovery import check_distillation_loss
 from course_lib.plan import PruningPlan
 from course_lib.surgery import apply_plan
@@ -74,6 +75,7 @@ CHECKS: dict[str, tuple[str, Callable[[Callable], object]]] = {
     "wanda": ("check_wanda_scores", lambda fn: check_wanda_scores(fn, tiny_llama(), calib(n=2), layers=(0, -1))),
     "distillation_loss": ("check_distillation_loss", check_distillation_loss),
     "my_split": ("check_split", check_split),
+    "rtn_int4": ("check_rtn_int4", check_rtn_int4),
 }
 
 

@@ -107,6 +107,31 @@ def test_fake_quantize_uses_sixteen_levels_per_group():
         fake_quantize(weight, group_size=48)
 
 
+def test_a_float_zero_point_finds_a_q4_1_grid_that_the_integer_one_misses():
+    # GGUF's Q4_1: per block a scale and a minimum that is not a multiple of the scale
+    generator = torch.Generator().manual_seed(0)
+    levels = torch.randint(0, 16, (8, 64), generator=generator).float()
+    levels[:, ::32], levels[:, 1::32] = 0, 15  # every block uses both ends of its range
+    scale = torch.rand(8, 2, 1, generator=generator) * 0.1 + 0.01
+    low = -7.3 * scale - torch.rand(8, 2, 1, generator=generator) * 0.01
+    weight = (levels.reshape(8, 2, 32) * scale + low).reshape(8, 64)
+    floated = fake_quantize(weight, group_size=32, zero_point="float")
+    assert torch.allclose(floated, weight, rtol=0, atol=1e-6)
+    step = scale.expand(8, 2, 32).reshape(8, 64)
+    assert ((fake_quantize(weight, group_size=32) - weight).abs() > 0.05 * step).float().mean() > 0.5
+    model = _pruned_llama()
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="zero_point must be one of integer, float; got 'half'"):
+        rtn_int4(model, zero_point="half")
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    assert getattr(model.config, "quantization_config", None) is None
+    rtn_int4(model, group_size=64, zero_point="float")
+    assert model.config.quantization_config["zero_point"] == "float"
+    proj = model.model.layers[0].mlp.up_proj.weight
+    assert torch.allclose(proj, fake_quantize(before["model.layers.0.mlp.up_proj.weight"], group_size=64,
+                                              zero_point="float"))
+
+
 def test_int8_and_bf16_logits_stay_close_to_fp32_and_count_their_bytes():
     model = _pruned_llama()
     linears = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in name]

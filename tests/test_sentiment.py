@@ -5,8 +5,10 @@ baseline is trained once (a few minutes on 2 cores) and cached for every later u
 """
 
 import pytest
+import torch
 
-from course_lib.sentiment import baseline_dir, load_baseline, sentiment_accuracy
+from course_lib.evaluate import classifier_accuracy
+from course_lib.sentiment import _test_rows, baseline_dir, load_baseline, sentiment_accuracy
 
 
 @pytest.mark.slow
@@ -19,3 +21,15 @@ def test_fine_tuned_baseline_is_cached_and_accurate():
     first = sentiment_accuracy(model, tokenizer, limit=200)
     assert first == sentiment_accuracy(model, tokenizer, limit=200)  # deterministic in eval mode
     assert model.num_labels == 2 and not model.training
+
+
+@pytest.mark.slow
+def test_length_sorted_batches_predict_what_one_text_at_a_time_does():
+    model, tokenizer, _ = load_baseline("ci", progress=False)
+    texts = list(_test_rows(40)[0])
+    with torch.no_grad():
+        one_by_one = [int(model(**tokenizer(text, truncation=True, max_length=64, return_tensors="pt")).logits.argmax(-1))
+                      for text in texts]
+        # scored against the unbatched predictions as labels: any prediction a padded batch flips costs 1/40
+        assert classifier_accuracy(model, tokenizer, texts, one_by_one, batch_size=8) == 1.0
+    assert 0 < sum(one_by_one) < len(texts)  # both classes predicted: the check can fail
