@@ -3,6 +3,10 @@
     python -m course_lib demo                       # the embedded decoder, ci profile defaults
     python -m course_lib run --param-fraction 0.2 --out reports/smollm2-20   # the planner picks the mix
     python -m course_lib run --model minilm-l6 --head-fraction 0.25 --out reports/minilm
+    python -m course_lib examples --out data/own    # two files of data the course never uses
+    python -m course_lib run --model minilm-l6 --train-file data/own/amazon_reviews.csv --text-column review \
+        --label-column sentiment --head-fraction 0.25 --out reports/amazon
+    python -m course_lib run --text-file data/own/lee_news.txt --layers 6 --quantize int4 int8 --out reports/lee
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="prune, recover and quantize the embedded decoder (ci profile)")
     demo.add_argument("--out", default="reports/demo")
+    examples = sub.add_parser("examples", help="write two data files the course never uses, to try "
+                              "--train-file and --text-file on")
+    examples.add_argument("--out", default="data/own")
     runner = sub.add_parser("run", help="run the pipeline with explicit settings")
     runner.add_argument("--out", required=True)
     defaults = PruningConfig()
@@ -44,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
             kind, meaning = TASK_DEFAULTS[f.name]
             runner.add_argument(flag, type=kind, default=None, help=f"default: {meaning}")
         else:
-            runner.add_argument(flag, type=type(default), default=default, help=f"default: {default}")
+            shown = default if default != "" else "none (the course's data)"
+            runner.add_argument(flag, type=type(default), default=default, help=f"default: {shown}")
     return parser
 
 
@@ -70,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; exit code 2 with one line on stderr for anything the package refuses on purpose, as argparse does."""
     args = _parser().parse_args(argv)
     try:
+        if args.command == "examples":
+            from .user_data import write_examples
+
+            for path, what in write_examples(args.out).items():
+                print(f"{path}: {what}")
+            return 0
         if args.command == "demo":
             config = DEMO
         else:

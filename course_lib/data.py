@@ -180,9 +180,15 @@ def read_snippets(path: Path) -> list[Snippet]:
     accented letters, en dashes and curly quotes: no latin-1 mojibake). Runs of spaces, which
     stand in for the dashes of the original reviews, are collapsed to one.
     """
-    lines = path.read_bytes().decode("utf-8").replace("\r\n", "\n").rstrip("\n").split("\n")
+    return parse_snippets(path.read_bytes().decode("utf-8").replace("\r\n", "\n").rstrip("\n").split("\n"))
+
+
+def parse_snippets(lines: Sequence[str]) -> list[Snippet]:
+    """``read_snippets``' parsing of lines already read (the other snippet files of the same archive too)."""
     snippets = []
     for line in lines:
+        if not line.strip():
+            continue
         id_, rating, text = line.split("\t", 2)
         snippets.append(Snippet(int(id_), float(rating), " ".join(text.split())))
     return snippets
@@ -395,7 +401,12 @@ def load_prose() -> DatasetDict:
     ``text`` are separated by newlines. Reads only the cache.
     """
     document = json.loads(verify(PROSE.path, PROSE.sha256).read_text(encoding="utf-8"))
-    articles = document["articles"]
+    return prose_splits(document["articles"])
+
+
+def prose_splits(articles: list[dict]) -> DatasetDict:
+    """``articles`` (``title``, ``text``; titles unique) split by title as ``load_prose`` splits the
+    course's: the same fractions and seeds, so a user's documents get the same treatment."""
     titles = [a["title"] for a in articles]
     test = split_titles(titles, PROSE_TEST_FRACTION, PROSE_SEED)
     validation = split_titles([t for t in titles if t not in test], PROSE_VALIDATION_FRACTION, PROSE_VALIDATION_SEED)
@@ -409,11 +420,13 @@ def load_prose() -> DatasetDict:
     )
 
 
-def prose_text(split: str = "test", separator: str = "\n\n") -> str:
-    """One split's articles as one string, joined by ``separator`` (perplexity, calibration)."""
+def prose_text(split: str = "test", separator: str = "\n\n", corpus: DatasetDict | None = None) -> str:
+    """One split's articles as one string, joined by ``separator`` (perplexity, calibration).
+
+    ``corpus``: another set of documents in ``load_prose``'s splits (``user_data.text_corpus``)."""
     if split not in PROSE_SPLITS:
         raise SettingError(f"split={split!r} is unknown; choose one of {list(PROSE_SPLITS)}")
-    return separator.join(load_prose()[split]["text"])
+    return separator.join((load_prose() if corpus is None else corpus)[split]["text"])
 
 
 def calibration_batches(
@@ -422,6 +435,7 @@ def calibration_batches(
     n_tokens: int,
     seed: int = 0,
     split: str = "calibration",
+    corpus: DatasetDict | None = None,
 ) -> torch.LongTensor:
     """``[n_samples, n_tokens]`` token ids: windows at seeded random offsets of a prose split.
 
@@ -434,7 +448,7 @@ def calibration_batches(
         raise SettingError(f"n_samples must be at least 1, got n_samples={n_samples}")
     if n_tokens < 2:
         raise SettingError(f"n_tokens must be at least 2, got n_tokens={n_tokens}")
-    text = prose_text(split, separator=tokenizer.eos_token or "\n\n")
+    text = prose_text(split, separator=tokenizer.eos_token or "\n\n", corpus=corpus)
     ids = torch.tensor(
         tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long
     )

@@ -43,7 +43,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -62,6 +62,7 @@ from .reconstruction import prune_and_reconstruct
 from .recovery import RecoveryConfig, fine_tune
 from .surgery import apply_plan
 from .tasks import task_for
+from .user_data import DataFiles
 
 QUANTIZERS = ("int4", "awq", "int8", "bf16", "rtn")  # course_lib.quantize says what each is for
 INT4 = ("int4", "awq", "rtn")  # weight-only 4-bit on a group grid: widths must divide into groups
@@ -100,9 +101,17 @@ class PruningConfig:
     decode_tokens: int = 32  # new tokens timed per decode run
     timing_rounds: int = 7  # interleaved rounds; each figure is the median over them
     seed: int = 0
+    # the user's data (course_lib.user_data); all empty: the course's Wikipedia articles / movie-review snippets
+    text_file: str = ""  # a causal LM's documents: plain text (blank-line separated) or a CSV / JSONL / Parquet table
+    train_file: str = ""  # a classifier's labelled texts (CSV / JSONL / Parquet)
+    validation_file: str = ""  # optional; else held out of train_file
+    test_file: str = ""  # optional; else held out of train_file
+    text_column: str = "text"
+    label_column: str = "label"
 
     def __post_init__(self) -> None:
         get_profile(self.profile)
+        self.data_files()  # checked now
         for name in ("param_fraction", "head_fraction", "neuron_fraction"):
             value = getattr(self, name)
             if not 0 <= value < 1:
@@ -133,6 +142,9 @@ class PruningConfig:
             raise SettingError(f"recovery_tokens={self.recovery_tokens} cannot be split over steps={self.steps} rounds",
                                setting="recovery_tokens")
         self.recovery_config(tokens=max(self.recovery_tokens or 1, 1), batch_size=1, learning_rate=1.0)  # checked now
+
+    def data_files(self) -> DataFiles:
+        return DataFiles(**{f.name: getattr(self, f.name) for f in fields(DataFiles)})
 
     def recovery_config(self, tokens: int, batch_size: int, learning_rate: float) -> RecoveryConfig:
         """One round's recipe: this config's learning rate (else the task's), LoRA rank and distillation weights."""
@@ -217,9 +229,15 @@ def _applier(model: nn.Module, plan_calib, config: PruningConfig, applied: list)
 
 @contextmanager
 def _about(setting: str, value=None) -> Iterator[None]:
-    """Re-raise a package error from inside as a ``SettingError`` about ``setting`` (the CLI names its flag)."""
+    """Re-raise a package error from inside as a ``SettingError`` about ``setting`` (the CLI names its flag);
+    one already about a setting of its own (a data file, say) goes through as it is."""
     try:
         yield
+    except SettingError as error:
+        if error.setting is not None:
+            raise
+        prefix = setting if value is None else f"{setting}={value!r}"
+        raise SettingError(f"{prefix}: {error}", setting=setting) from None
     except CourseError as error:
         prefix = setting if value is None else f"{setting}={value!r}"
         raise SettingError(f"{prefix}: {error}", setting=setting) from None
@@ -382,7 +400,7 @@ def run(config: PruningConfig, out_dir: str | Path, progress: bool = True, task=
     calibration data, quality measure and recovery data; tests pass a tiny one.
     """
     with _about("model"):
-        task = task or task_for(config.model, get_profile(config.profile))
+        task = task or task_for(config.model, get_profile(config.profile), config.data_files())
         model_config = task.model_config()
     validate(config, model_config)
     out = Path(out_dir)
@@ -427,7 +445,7 @@ def run(config: PruningConfig, out_dir: str | Path, progress: bool = True, task=
                                                for p in plans for a in p["applied"]) + "\n")
     history += _quantized(model, task, config, calib, out, models)
     _time_stages(history, models, config, progress)
-    _write_report(config, task.quality_name, history, out)
+    _write_report(config, task, history, out)
     return history
 
 
@@ -507,9 +525,10 @@ def speed_rows(history: list[Stage]) -> list[dict]:
     return rows
 
 
-def _write_report(config: PruningConfig, quality_name: str, history: list[Stage], out: Path) -> None:
+def _write_report(config: PruningConfig, task, history: list[Stage], out: Path) -> None:
     from .viz import plot_history, plot_recovery
 
+    quality_name = task.quality_name
     rows = speed_rows(history)
     (out / "history.json").write_text(json.dumps({"config": asdict(config), "history": [asdict(s) for s in history],
                                                   "speed": rows}, indent=2))
@@ -521,7 +540,8 @@ def _write_report(config: PruningConfig, quality_name: str, history: list[Stage]
              f"KV cache after a {config.latency_seq}-token prompt, 1000 / the median step in ms (IQR over steps); its "
              "ideal speedup is the weight-byte ratio (each token reads every weight once). Speedups against the "
              "dense model are the median ratio of neighbouring samples; measured / ideal in brackets.")
-    lines = [f"# Pruning report: {config.model} ({config.profile} profile)", "", speed, "",
+    lines = [f"# Pruning report: {config.model} ({config.profile} profile)", "",
+             f"Data: {config.data_files().describe()}.", "", speed, "",
              "| stage | params | weights MB | prefill ms (IQR) | prefill speedup | decode tok/s (IQR) "
              f"| decode speedup | {quality_name} |",
              "|---|---|---|---|---|---|---|---|"]
@@ -552,7 +572,7 @@ def _write_report(config: PruningConfig, quality_name: str, history: list[Stage]
         lines += ["", *notes]
     lines += ["", "Plan per step: `plan.txt` (per layer: what was removed and, for the budget planner, its "
               "predicted error), `plan.json` (the same as data). Pruned model (before quantization): `model/`, "
-              "load with `AutoModelForCausalLM.from_pretrained('model')` after `import course_lib`, "
+              f"load with `{task.auto_class}.from_pretrained('model')` after `import course_lib`, "
               "or with `trust_remote_code=True`."]
     if "awq" in config.quantize:
         lines.append("AWQ INT4 model: `awq/`, load with `course_lib.quantize.load_awq('awq')`.")

@@ -2,16 +2,19 @@
 
 The fine-tuned baseline is trained once with the HF Trainer (the same recipe as recovery) and
 cached as safetensors under ``data/cache/models/``, so notebooks and the pipeline reuse it.
+Every function also takes a user's ``corpus`` (``user_data.classifier_corpus``) in place of the
+snippets: its baseline is cached under a hash of the data, so other data never reuses it.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 from pathlib import Path
 
 import torch
-from datasets import Dataset
+from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer, BertForSequenceClassification, DataCollatorWithPadding
 
 from . import zoo
@@ -43,39 +46,54 @@ def _test_rows(limit: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
     return tuple(test["text"]), tuple(test["label"])
 
 
-def sentiment_accuracy(model, tokenizer, limit: int = 0) -> float:
+def sentiment_accuracy(model, tokenizer, limit: int = 0, corpus: DatasetDict | None = None) -> float:
     """Accuracy on the held-out test split (the first ``limit`` rows if ``limit`` > 0)."""
-    texts, labels = _test_rows(limit)
+    if corpus is None:
+        texts, labels = _test_rows(limit)
+    else:
+        test = corpus["test"].select(range(min(limit, len(corpus["test"])))) if limit else corpus["test"]
+        texts, labels = test["text"], test["label"]
     return classifier_accuracy(model, tokenizer, texts, labels, max_length=MAX_LENGTH)
 
 
-def baseline_dir(profile: str | None = None) -> Path:
-    return cache_dir() / "models" / f"minilm-l6-sentiment-{get_profile(profile).name}"
+def corpus_digest(corpus: DatasetDict) -> str:
+    """A short hash of every split's texts and labels and of the label names: the cache key of a baseline."""
+    digest = hashlib.sha256(json.dumps(corpus["train"].features["label"].names).encode())
+    for split in ("train", "validation", "test"):
+        digest.update(json.dumps([list(corpus[split]["text"]), list(corpus[split]["label"])]).encode())
+    return digest.hexdigest()[:16]
 
 
-def baseline_train_split(profile: str | None = None) -> Dataset:
+def baseline_dir(profile: str | None = None, corpus: DatasetDict | None = None) -> Path:
+    data = "sentiment" if corpus is None else f"data-{corpus_digest(corpus)}"
+    return cache_dir() / "models" / f"minilm-l6-{data}-{get_profile(profile).name}"
+
+
+def baseline_train_split(profile: str | None = None, corpus: DatasetDict | None = None) -> Dataset:
     """The train examples the profile's baseline is fine-tuned on: the first ``train_examples``
     of the train split (all of it when 0)."""
-    train = load_sentiment()["train"]
+    train = (load_sentiment() if corpus is None else corpus)["train"]
     n = get_profile(profile).train_examples
     return train.select(range(min(n, len(train)))) if n else train
 
 
 def train_baseline(config: RecoveryConfig = BASELINE_CONFIG, profile: str | None = None,
-                   progress: bool = True) -> Path:
+                   progress: bool = True, corpus: DatasetDict | None = None) -> Path:
     """Fine-tune MiniLM on the train split (validation for early stopping) and cache it.
 
     The ``ci`` profile trains on a fixed 2,048-example subset to stay within minutes on 2 CPU
     cores; ``full`` uses all 8,454. Accuracy is always measured on the whole test split.
     """
+    data = load_sentiment() if corpus is None else corpus
     torch.manual_seed(config.seed)  # the new classification head: the same on every machine, whatever ran before
-    model, tokenizer = zoo.load_encoder_classifier("minilm-l6", num_labels=2)
-    data = load_sentiment()
-    train = baseline_train_split(profile)
+    names = data["train"].features["label"].names
+    model, tokenizer = zoo.load_encoder_classifier("minilm-l6", num_labels=len(names))
+    model.config.id2label, model.config.label2id = dict(enumerate(names)), {n: i for i, n in enumerate(names)}
+    train = baseline_train_split(profile, corpus)
     fine_tune(model, tokenized(tokenizer, train), tokenized(tokenizer, data["validation"]), config,
               data_collator=DataCollatorWithPadding(tokenizer), progress=progress)
-    accuracy = sentiment_accuracy(model, tokenizer)
-    dest = baseline_dir(profile)
+    accuracy = sentiment_accuracy(model, tokenizer, corpus=corpus)
+    dest = baseline_dir(profile, corpus)
     with staged_directory(dest) as staged:  # a crash never leaves a half-written baseline behind
         model.save_pretrained(staged)
         tokenizer.save_pretrained(staged)
@@ -84,11 +102,11 @@ def train_baseline(config: RecoveryConfig = BASELINE_CONFIG, profile: str | None
     return dest
 
 
-def load_baseline(profile: str | None = None, progress: bool = True):
+def load_baseline(profile: str | None = None, progress: bool = True, corpus: DatasetDict | None = None):
     """(model, tokenizer, metrics) of the fine-tuned classifier, training it first if needed."""
-    directory = baseline_dir(profile)
+    directory = baseline_dir(profile, corpus)
     if not (directory / "metrics.json").exists():
-        train_baseline(profile=profile, progress=progress)
+        train_baseline(profile=profile, progress=progress, corpus=corpus)
     model = BertForSequenceClassification.from_pretrained(directory).eval()
     tokenizer = AutoTokenizer.from_pretrained(directory)
     return model, tokenizer, json.loads((directory / "metrics.json").read_text())

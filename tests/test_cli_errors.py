@@ -164,3 +164,36 @@ EMBEDDED_CASES = {
 def test_bad_settings_on_an_embedded_model_stop_before_loading_it(case, tmp_path, capsys, no_work):
     args, *expected = EMBEDDED_CASES[case]
     check_refused(args, tmp_path / "out", capsys, no_work, *expected)
+
+
+# ---- the user's data: files, columns and labels are read and checked before any model loads ---------------
+def _data_cases(tmp):
+    (tmp / "reviews.csv").write_text("review,stars\n" + "good,1\nbad,0\n" * 10)
+    (tmp / "odd.csv").write_text("review,stars\nmeh,7\n")
+    (tmp / "short.txt").write_text("one document\n\nand another\n")
+    return {
+        "no such train file": (["--model", "minilm-l6", "--train-file", str(tmp / "nope.csv")],
+                               f"error: --train-file='{tmp / 'nope.csv'}': no such file"),
+        "no such column": (["--model", "minilm-l6", "--train-file", str(tmp / "reviews.csv")],
+                           "--train-file=", "has no column 'text', 'label'; its columns: review, stars",
+                           "name yours with --text-column= and --label-column="),
+        "a test label the train file lacks": (["--model", "minilm-l6", "--train-file", str(tmp / "reviews.csv"),
+                                               "--test-file", str(tmp / "odd.csv"), "--text-column", "review",
+                                               "--label-column", "stars"],
+                                              "error: --test-file: labels ['7'] are not among the train file's labels (0, 1)"),
+        "a classifier's file for a causal LM": (["--model", "smollm2-135m", "--train-file", str(tmp / "reviews.csv")],
+                                                "--train-file=", "is a classifier's data; a causal LM reads --text-file="),
+        "too few documents": (["--model", "smollm2-135m", "--text-file", str(tmp / "short.txt")],
+                              "--text-file=", "holds 2 document(s); at least 3"),
+        "both kinds of data": (["--text-file", "a.txt", "--train-file", "b.csv"], "error: --text-file='a.txt' and --train-file='b.csv': give one, not both"),
+        "a test file without a train file": (["--model", "minilm-l6", "--test-file", str(tmp / "odd.csv")],
+                                             "error: --test-file=", "needs --train-file= as well"),
+    }
+
+
+@pytest.mark.parametrize("case", ["no such train file", "no such column", "a test label the train file lacks",
+                                  "a classifier's file for a causal LM", "too few documents", "both kinds of data",
+                                  "a test file without a train file"])
+def test_bad_data_files_stop_before_any_model_loads(case, tmp_path, capsys, no_work):
+    args, *expected = _data_cases(tmp_path)[case]
+    check_refused(args, tmp_path / "out", capsys, no_work, *expected)

@@ -25,7 +25,7 @@ class _NoTokenizer:
 class TinyDecoderTask:
     """A random 4-layer Llama (GQA) judged by perplexity on a counting pattern it can learn."""
 
-    quality_name = "perplexity"
+    quality_name, auto_class = "perplexity", "AutoModelForCausalLM"
     data_collator = None
     tokenizer = _NoTokenizer()
 
@@ -61,7 +61,7 @@ class TinyDecoderTask:
 class TinyEncoderTask:
     """A random 3-layer BERT classifier judged by accuracy on 'is the first token even'."""
 
-    quality_name = "accuracy"
+    quality_name, auto_class = "accuracy", "AutoModelForSequenceClassification"
     data_collator = None
     tokenizer = _NoTokenizer()
 
