@@ -47,7 +47,7 @@ browser: $(BROWSER_INSTALLED)
 	fi
 
 test: fetch browser
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs --durations=15
 
 # Baselines the benchmarks compare against, kept out of the course's own environment pins.
 bench-extras: setup

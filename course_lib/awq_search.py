@@ -1,5 +1,5 @@
-"""autoawq 0.2.9's quantizer with two repairs for the CPU: a scale search that really restores the
-block between trials, and a clipping search done as batched matmuls.
+"""autoawq 0.2.9's quantizer with two repairs for the CPU: a scale search whose every trial starts
+from the block's own weights, and a clipping search done as batched matmuls.
 
 ``course_lib.quantize`` passes ``quantizer_cls()`` to autoawq's ``quantize(quantizer_cls=...)``, the
 hook autoawq offers for this. Everything else (calibration capture, scale formula, packing) is
@@ -22,22 +22,24 @@ def quantizer_cls():
 
     class CpuSafeAwqQuantizer(AwqQuantizer):
         def _compute_best_scale(self, x, w_mean, x_mean, module2inspect, linears2scale, fp16_output, kwargs={}):
-            """autoawq's scale grid search, on a snapshot that is a copy.
+            """autoawq's scale grid search, every trial starting from the block's own weights.
 
             autoawq snapshots the block with ``{k: v.cpu() for k, v in module.state_dict().items()}``
-            before trying each scale. On a GPU ``.cpu()`` copies; on a CPU it returns the very tensor,
-            so the snapshot aliases the live weights, the first trial's in-place ``weight.mul_(scales)``
-            lands in it, and every "restore" puts back ``W * s0``. The chosen scales then go on top:
-            each layer scaled twice, the model ruined. SmolLM2-135M, held-out perplexity 13.67 in fp32:
-            round-to-nearest INT4 17.28, AWQ INT4 with this repair 15.95, without it 134,571
-            (benchmarks/awq_vs_rtn.py, with and without --stock-quantizer).
+            and restores it after each of its 20 trial scales. On a GPU ``.cpu()`` copies; on a CPU it
+            returns the very tensor, so the snapshot aliases the live weights and the first trial's
+            in-place ``weight.mul_(scales)`` lands in it. Every later trial then starts from ``W * s0``
+            instead of ``W``: its loss is that of a doubly scaled block, the first trial (ratio 0,
+            which ignores the activations) wins every time, and the chosen scales go on top of
+            ``W * s0``, ruining the model. Here the block's ``state_dict`` hands out copies for the
+            length of the search, so the snapshot is one and the search compares what it means to.
             """
-            original = {name: tensor.clone() for name, tensor in module2inspect.state_dict().items()}
+            live = module2inspect.state_dict
+            module2inspect.state_dict = lambda *args, **kw: {k: v.clone() for k, v in live(*args, **kw).items()}
             try:
                 return super()._compute_best_scale(x, w_mean, x_mean, module2inspect, linears2scale,
                                                    fp16_output, kwargs)
             finally:
-                module2inspect.load_state_dict(original)
+                del module2inspect.state_dict  # the class's method again
 
         @torch.no_grad()
         def _compute_best_clip(self, w, input_feat, n_grid=20, max_shrink=0.5, n_sample_token=512):

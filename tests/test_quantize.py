@@ -209,6 +209,48 @@ def test_clip_search_matches_autoawq_exactly(monkeypatch, zero_point):
     assert (got < weight.reshape(192, 4, 64).abs().amax(-1, keepdim=True)).any()  # some groups clipped
 
 
+def test_scale_search_starts_every_trial_from_the_original_weights():
+    """autoawq's snapshot aliases the live weights on a CPU; the repaired search sees W at every trial, so
+    its choice is the ratio whose rounded block really reproduces the outputs best (checked by brute force)."""
+    from course_lib import awq_search
+
+    cls = awq_search.quantizer_cls()
+    quantizer = cls.__new__(cls)  # only the attributes the scale search reads
+    quantizer.group_size, quantizer.zero_point, quantizer.w_bit = 64, True, 4
+    quantizer.duo_scaling, quantizer.n_parallel_calib_samples, quantizer.max_chunk_memory = True, None, 2**30
+    generator = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(128, 64, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(64, 128, generator=generator))
+    x = torch.randn(2, 40, 128, generator=generator) * (torch.rand(128, generator=generator) * 4) ** 2  # loud channels
+    original = linear.weight.detach().clone()
+    seen = []
+    quantize_tensor = quantizer.pseudo_quantize_tensor
+
+    def recording(w):
+        seen.append(w.clone())
+        return quantize_tensor(w)
+
+    quantizer.pseudo_quantize_tensor = recording
+    with torch.no_grad():
+        reference = linear(x)
+        x_mean, w_mean = x.abs().reshape(-1, 128).mean(0), (original.abs() / original.abs().amax(1, keepdim=True)).mean(0)
+        best = quantizer._compute_best_scale(x, w_mean, x_mean, linear, [linear], reference)
+    assert torch.equal(linear.weight, original)  # the block is left as it was
+    losses = []
+    for i, w in enumerate(seen):  # each trial rounds W * s_ratio: divided by its scales, the original W
+        ratio = i / len(seen)
+        scales = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+        scales = scales / (scales.max() * scales.min()).sqrt()
+        assert torch.allclose(w / scales, original, rtol=1e-5, atol=1e-6), f"trial {i} did not start from W"
+        rounded = quantize_tensor(original * scales)[0] / scales
+        losses.append(float((x @ rounded.t() - reference).pow(2).mean()))
+    assert len(seen) == 20 and losses.index(min(losses)) > 0  # the activations matter here: not ratio 0
+    i = losses.index(min(losses))
+    expected = (x_mean.pow(i / 20) / (w_mean.pow(1 - i / 20) + 1e-4)).clamp(min=1e-4)
+    assert torch.allclose(best, expected / (expected.max() * expected.min()).sqrt())
+
+
 @pytest.mark.slow
 def test_awq_checkpoint_round_trip_on_cpu(tmp_path):
     model = _pruned_llama()
