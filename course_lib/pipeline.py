@@ -233,12 +233,9 @@ def _about(setting: str, value=None) -> Iterator[None]:
     one already about a setting of its own (a data file, say) goes through as it is."""
     try:
         yield
-    except SettingError as error:
-        if error.setting is not None:
-            raise
-        prefix = setting if value is None else f"{setting}={value!r}"
-        raise SettingError(f"{prefix}: {error}", setting=setting) from None
     except CourseError as error:
+        if getattr(error, "setting", None) is not None:
+            raise
         prefix = setting if value is None else f"{setting}={value!r}"
         raise SettingError(f"{prefix}: {error}", setting=setting) from None
 
