@@ -43,7 +43,6 @@ def _stored_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-@torch.no_grad()
 def perplexity(model: nn.Module, ids: torch.Tensor, *, context: int = 256, stride: int | None = None,
                progress: bool = False) -> float:
     """Sliding-window perplexity of a causal LM over one long token stream ``ids`` [T].
@@ -51,6 +50,18 @@ def perplexity(model: nn.Module, ids: torch.Tensor, *, context: int = 256, strid
     Each window of ``context`` tokens scores only the tokens not scored by the previous window,
     so every token after the first is predicted once, with up to ``context - stride`` tokens of
     left context (stride = context gives disjoint windows, the cheapest and most pessimistic).
+    """
+    return language_model_scores(model, ids, context=context, stride=stride, progress=progress)["perplexity"]
+
+
+@torch.no_grad()
+def language_model_scores(model: nn.Module, ids: torch.Tensor, *, context: int = 256, stride: int | None = None,
+                          progress: bool = False) -> dict[str, float]:
+    """``perplexity`` and ``accuracy`` (share of tokens whose greedy prediction is right) in one pass,
+    over the same windows as :func:`perplexity`.
+
+    Next-token accuracy is the causal LM's counterpart of a classifier's accuracy: "share retained"
+    after pruning reads like the papers' accuracy retained, where a perplexity ratio does not.
     """
     ids = torch.as_tensor(ids).reshape(-1)
     stride = stride or context
@@ -61,7 +72,7 @@ def perplexity(model: nn.Module, ids: torch.Tensor, *, context: int = 256, strid
     if ids.numel() < 2:
         raise SettingError(f"ids must hold at least 2 tokens, got {ids.numel()}")
     device = next(model.parameters()).device
-    total_nll, total_tokens, scored_until = 0.0, 0, 0
+    total_nll, total_tokens, correct, scored_until = 0.0, 0, 0, 0
     starts = range(0, ids.numel() - 1, stride)
     for start in tqdm(starts, desc="perplexity", disable=not progress):
         end = min(start + context, ids.numel())
@@ -71,11 +82,12 @@ def perplexity(model: nn.Module, ids: torch.Tensor, *, context: int = 256, strid
         new = max(scored_until, start + 1) - start - 1  # positions already scored in this window
         nll = nn.functional.cross_entropy(logits[new:], targets[new:], reduction="sum")
         total_nll += nll.item()
+        correct += int((logits[new:].argmax(-1) == targets[new:]).sum())
         total_tokens += targets.numel() - new
         scored_until = end
         if end == ids.numel():
             break
-    return math.exp(total_nll / total_tokens)
+    return {"perplexity": math.exp(total_nll / total_tokens), "accuracy": correct / total_tokens}
 
 
 def repeated_ngram_share(tokens: list[int] | torch.Tensor, n: int = 3) -> float:

@@ -282,21 +282,34 @@ class SparsityComparison:
 @torch.no_grad()
 def unstructured_vs_structured(m: int, k: int, n: int, *, sparsity: float = 0.5, repeats: int = 5, rounds: int = 5,
                                warmup: int = 2, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                               threads: int | None = None, include_csr: bool = True,
+                               threads: int | None = None, include_csr: bool = True, pattern: str = "random",
                                seed: int = 0) -> SparsityComparison:
     """Time one dense product against the same weight with ``sparsity`` of its entries zeroed
     (unstructured: same shape, same dense kernel) and against a weight with that share of its
     rows removed (structured: a smaller matrix). Optionally also the zeroed weight stored in a
     sparse CSR format, the usual way to ask a library to skip zeros.
 
+    ``pattern`` says which entries are zeroed: ``"random"`` (a random ``sparsity`` share) or
+    ``"2:4"`` (:func:`two_four_mask`, the two smallest magnitudes of every four; ``sparsity`` must
+    then be 0.5). A dense kernel sees the same shape either way; the 2:4 pattern is what sparse
+    tensor cores can skip, a CPU kernel cannot.
+
     Each round times all variants back to back; ratios are taken within a round and their
     median over rounds is reported, so slow drifts of the machine's load cancel out.
     """
     if not 0 < sparsity < 1:
         raise SettingError(f"sparsity must be strictly between 0 and 1, got {sparsity}")
+    if pattern not in ("random", "2:4"):
+        raise SettingError(f"pattern must be 'random' or '2:4', got pattern={pattern!r}", setting="pattern")
+    if pattern == "2:4" and sparsity != 0.5:
+        raise SettingError(f"pattern='2:4' zeroes exactly half of the entries: sparsity must be 0.5, "
+                           f"got sparsity={sparsity}", setting="sparsity")
     x, weight = _operands(m, k, n, device, dtype, seed)
-    generator = torch.Generator().manual_seed(seed + 1)
-    keep = (torch.rand(n, k, generator=generator) >= sparsity).to(device)
+    if pattern == "2:4":
+        keep = two_four_mask(weight)
+    else:
+        generator = torch.Generator().manual_seed(seed + 1)
+        keep = (torch.rand(n, k, generator=generator) >= sparsity).to(device)
     zeroed = weight * keep
     sliced = weight[: round(n * (1 - sparsity))].contiguous()
     variants: dict[str, Callable[[], object]] = {
@@ -339,6 +352,46 @@ def unstructured_vs_structured(m: int, k: int, n: int, *, sparsity: float = 0.5,
         csr_error=csr_error,
         rounds=per_round, best_ms={name: t * 1e3 for name, t in best.items()},
     )
+
+
+# ----------------------------------------------------------------------------- 2:4 semi-structured masks
+
+
+def two_four_mask(weight: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of NVIDIA's 2:4 pattern chosen by magnitude: in every group of four consecutive
+    input weights (along ``in_features``, the last dimension), the two largest ``|w|`` are kept.
+
+    Groups run along the input dimension because that is the dimension a sparse tensor core
+    reduces over: it stores the two kept values of each group and 2-bit indices, and skips the
+    rest. Ties are broken by ``topk``, so every group keeps exactly two entries.
+    """
+    if weight.dim() != 2 or weight.shape[1] % 4:
+        raise SettingError(f"weight must be 2-D [out, in] with in a multiple of 4, got shape {tuple(weight.shape)}",
+                          setting="weight")
+    groups = weight.detach().abs().reshape(weight.shape[0], -1, 4)
+    mask = torch.zeros(groups.shape, dtype=torch.bool, device=weight.device)
+    mask.scatter_(-1, groups.topk(2, dim=-1).indices, True)
+    return mask.reshape(weight.shape)
+
+
+@torch.no_grad()
+def mask_two_four(model: nn.Module) -> int:
+    """Apply :func:`two_four_mask` in place to every ``nn.Linear`` inside the transformer blocks
+    (attention and MLP projections; embeddings, heads and norms are left dense, as 2:4 recipes do).
+
+    The shapes do not change: this is the accuracy side of 2:4 sparsity, to be measured with the
+    course's usual evaluation; the speed side needs a sparse kernel. Returns the number of weights
+    set to zero (half of every masked layer).
+    """
+    from .pruned_modeling import adapter_for
+
+    zeroed = 0
+    for block in adapter_for(model).blocks(model):
+        for linear in (mod for mod in block.modules() if isinstance(mod, nn.Linear)):
+            mask = two_four_mask(linear.weight)
+            linear.weight.mul_(mask)
+            zeroed += int((~mask).sum())
+    return zeroed
 
 
 # ----------------------------------------------------------------------------- the widget

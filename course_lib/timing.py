@@ -39,11 +39,11 @@ def round_robin(names: list[str], rounds: int) -> list[list[str]]:
     return [names[r % len(names):] + names[:r % len(names)] for r in range(rounds)] if names else []
 
 
-def prompt(model: nn.Module, seq: int) -> torch.Tensor:
-    """A fixed [1, seq] prompt of token ids (seeded), on the model's device."""
+def prompt(model: nn.Module, seq: int, batch: int = 1) -> torch.Tensor:
+    """A fixed [batch, seq] prompt of token ids (seeded), on the model's device."""
     device = next(itertools.chain(model.parameters(), model.buffers())).device
     vocab = model.config.vocab_size
-    return torch.randint(0, vocab, (1, seq), generator=torch.Generator().manual_seed(0)).to(device)
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
 
 
 def synchronize(device: str | torch.device) -> None:
@@ -91,10 +91,10 @@ def _median_and_spread(values: list[float]) -> tuple[float, float]:
 
 
 def compare(models: dict[str, nn.Module], *, seq: int = 128, new_tokens: int = 32, rounds: int = 5,
-            warmup: int = 1, prefill_calls: int = PREFILL_CALLS, progress: bool = False,
+            warmup: int = 1, batch: int = 1, prefill_calls: int = PREFILL_CALLS, progress: bool = False,
             timers: tuple[Callable, Callable] = (prefill_seconds, decode_steps)) -> dict[str, dict]:
-    """Time every model in ``models`` side by side; returns per name ``prefill_ms``, ``prefill_spread_ms``
-    (median and interquartile range over all timed passes) and, for models that generate,
+    """Time every model in ``models`` side by side on ``batch`` x ``seq``-token prompts; returns per name
+    ``prefill_ms``, ``prefill_spread_ms`` (median and interquartile range over all timed passes) and, for models that generate,
     ``decode_tokens_per_s`` and ``decode_spread`` (1000 / the median step in ms, and the IQR of the
     steps' rates; None for encoders).
 
@@ -107,14 +107,14 @@ def compare(models: dict[str, nn.Module], *, seq: int = 128, new_tokens: int = 3
     ``decode_steps``), replaceable for tests.
     """
     for name, value in (("seq", seq), ("new_tokens", new_tokens), ("rounds", rounds),
-                        ("prefill_calls", prefill_calls)):
+                        ("prefill_calls", prefill_calls), ("batch", batch)):
         if value < 1:
             raise SettingError(f"{name} must be >= 1, got {value}")
     if warmup < 0:
         raise SettingError(f"warmup must be >= 0, got {warmup}")
     prefill, decode = timers
     names = list(models)
-    prompts = {name: prompt(model, seq) for name, model in models.items()}
+    prompts = {name: prompt(model, seq, batch) for name, model in models.items()}
     samples: dict[str, dict[str, list[float]]] = {name: {"prefill": [], "decode": []} for name in names}
     schedule = round_robin(names, warmup + rounds)
     bar = tqdm(total=len(schedule) * (prefill_calls + new_tokens), desc="timing", disable=not progress)

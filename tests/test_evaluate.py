@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from course_lib.evaluate import count_parameters, perplexity, repeated_ngram_share, storage_bytes
+from course_lib.evaluate import (count_parameters, language_model_scores, perplexity, repeated_ngram_share,
+                                 storage_bytes)
 
 
 class Uniform(nn.Module):
@@ -45,6 +46,16 @@ def test_every_token_scored_once_with_overlapping_windows():
     wrong = ids.clone()
     wrong[30] = 0  # one surprise among 49 predictions (and a wrong guess right after it)
     assert perplexity(Copycat(13), wrong, context=8, stride=3) > 1.5
+
+
+def test_next_token_accuracy_counts_each_token_once():
+    ids = torch.arange(50) % 13
+    wrong = ids.clone()
+    wrong[30] = 0  # the prediction of position 30 fails, and so does the one made from it
+    scores = language_model_scores(Copycat(13), wrong, context=8, stride=3)
+    assert scores["accuracy"] == pytest.approx(47 / 49)
+    assert scores["perplexity"] == perplexity(Copycat(13), wrong, context=8, stride=3)
+    assert language_model_scores(Copycat(13), ids, context=8, stride=3)["accuracy"] == 1.0
 
 
 def test_perplexity_rejects_bad_windows():

@@ -28,14 +28,16 @@ matplotlib.use("Agg")
 
 import nbformat
 import pytest
+import torch
 
 from course_lib.exercises import CheckFailed
 from course_lib.exercises.hardware import check_attention_params_per_head, check_mlp_flops, check_round_down
-from course_lib.exercises.heads import check_head_magnitudes, check_heads_parameters
+from course_lib.exercises.heads import (check_head_magnitudes, check_head_selection, check_head_surgery,
+                                        check_heads_parameters)
 from course_lib.exercises.iterative import check_split
-from course_lib.exercises.layers import check_token_distance
+from course_lib.exercises.layers import check_block_influence_hooks, check_token_distance
 from course_lib.exercises.learner import BEGIN, strip_solutions, write_learner_copies
-from course_lib.exercises.neurons import check_gated_neuron_parameters, check_wanda_scores
+from course_lib.exercises.neurons import check_down_refit, check_gated_neuron_parameters, check_wanda_scores
 from course_lib.exercises.quantize import check_rtn_int4
 from course_lib.exercises.recovery import check_distillation_loss
 from course_lib.plan import PruningPlan
@@ -49,6 +51,11 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 def _heads_parameters(fn):
     model = tiny_bert()
     return check_heads_parameters(fn, model, PruningPlan(heads={0: [1], 1: [0, 2, 3]}))
+
+
+def _head_selection(fn):
+    scores = torch.rand(2, 4, generator=torch.Generator().manual_seed(0))  # tiny_bert: 2 layers of 4 heads
+    return check_head_selection(fn, tiny_bert(), scores, 2, protect_first=1, protect_last=0)
 
 
 def _gated_neuron_parameters(fn):
@@ -68,11 +75,16 @@ CHECKS: dict[str, tuple[str, Callable[[Callable], object]]] = {
     "round_down": ("check_round_down", check_round_down),
     "head_magnitudes": ("check_head_magnitudes", lambda fn: check_head_magnitudes(fn, tiny_bert())),
     "heads_parameters": ("check_heads_parameters", _heads_parameters),
+    "select_lowest_heads": ("check_head_selection", _head_selection),
+    "remove_heads": ("check_head_surgery", lambda fn: check_head_surgery(fn, tiny_bert(), 1, [0, 2])),
     "token_block_influence": ("check_token_distance",
                               lambda fn: check_token_distance(fn, tiny_llama(), calib(n=3), layers=(0, 2),
                                                               lengths=(16, 9, 4))),
+    "angular_block_influence": ("check_block_influence_hooks",
+                                lambda fn: check_block_influence_hooks(fn, tiny_llama(), calib(n=3), lengths=(16, 9, 4))),
     "gated_neuron_parameters": ("check_gated_neuron_parameters", _gated_neuron_parameters),
     "wanda": ("check_wanda_scores", lambda fn: check_wanda_scores(fn, tiny_llama(), calib(n=2), layers=(0, -1))),
+    "refit_down": ("check_down_refit", lambda fn: check_down_refit(fn, tiny_llama(), calib(n=6), layer=1)),
     "distillation_loss": ("check_distillation_loss", check_distillation_loss),
     "my_split": ("check_split", check_split),
     "rtn_int4": ("check_rtn_int4", check_rtn_int4),

@@ -20,12 +20,12 @@ from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 from course_lib import importance
 from course_lib.evaluate import count_parameters
 from course_lib.exercises import CheckFailed
-from course_lib.exercises.layers import (block_io, cache_indices, check_token_distance, flattened_block_influence,
+from course_lib.exercises.layers import (block_io, cache_indices, check_block_influence_hooks, check_token_distance, flattened_block_influence,
                                          layer_removal_explorer, layer_removal_sweep, naive_remove_layers,
                                          padded_batch, reference_token_distance)
-from course_lib.exercises.neurons import (bottom_overlap, check_gated_neuron_parameters, check_wanda_scores,
-                                          compare_latency, dead_neuron_explorer, dead_shares, layer_normalised,
-                                          mlp_inputs, mlp_widths, uniform_plan)
+from course_lib.exercises.neurons import (bottom_overlap, check_down_refit, check_gated_neuron_parameters,
+                                          check_wanda_scores, compare_latency, dead_neuron_explorer, dead_shares,
+                                          layer_normalised, mlp_inputs, mlp_widths, uniform_plan)
 from course_lib.plan import PruningPlan
 from course_lib.selection import select_layers
 from course_lib.surgery import apply_plan, parameters_removed
@@ -95,6 +95,66 @@ def test_reference_distance_matches_the_library_token_distance():
     a, b = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     assert reference_token_distance(a, b, mask) == pytest.approx(float(token_distance(a, b, "bi")[mask].mean()))
+
+
+def hooked(distance=lambda cos: torch.arccos(cos) / math.pi, *, flatten=False, mask=True, mean="tokens",
+           remove=True):
+    """A learner's forward-hook block influence, with switches for the usual mistakes."""
+
+    def fn(model, batches):
+        blocks = model.model.layers
+        sums, tokens, per_unit, current = torch.zeros(len(blocks), dtype=torch.float64), 0, [], {}
+
+        def make_hook(layer):
+            def hook(module, args, kwargs, output):
+                x, y = args[0] if args else kwargs["hidden_states"], output[0] if isinstance(output, tuple) else output
+                if flatten:
+                    x, y = x.flatten(1), y.flatten(1)
+                d = distance(F.cosine_similarity(x.double(), y.double(), dim=-1).clamp(-1, 1))
+                keep = current["mask"] if mask and not flatten else torch.ones_like(d, dtype=torch.bool)
+                sums[layer] += d[keep].sum()
+                current["units"][layer] = d[keep].mean()
+            return hook
+
+        handles = [b.register_forward_hook(make_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+        with torch.no_grad():
+            for batch in batches:
+                current["mask"], current["units"] = batch["attention_mask"].bool(), torch.zeros(len(blocks))
+                counted = current["mask"] if mask else torch.ones_like(current["mask"])
+                tokens += batch["input_ids"].shape[0] if flatten else int(counted.sum())
+                model(**batch)
+                per_unit.append(current["units"])
+        if remove:
+            for h in handles:
+                h.remove()
+        return torch.stack(per_unit).mean(0) if mean == "batches" else sums / tokens
+
+    return fn
+
+
+HOOKS_WRONG = {
+    "1 - cos": (hooked(lambda cos: 1 - cos), "1 - cos"),
+    "flattened": (hooked(flatten=True), "flattened"),
+    "flattened 1 - cos": (hooked(lambda cos: 1 - cos, flatten=True), "lesson's score exactly"),
+    "no mask": (hooked(mask=False), "padding included"),
+    "per batch": (hooked(mean="batches"), "each batch"),
+    "hooks left": (hooked(remove=False), "still registered"),
+}
+
+
+def test_hooks_check_accepts_the_right_answer(llama, ids):
+    got = check_block_influence_hooks(hooked(), llama, ids, lengths=(16, 9, 4))
+    reference = importance.block_influence(llama, padded_batch(ids, (16, 9, 4)), metric="angular", batch_size=2,
+                                           progress=False)
+    torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(HOOKS_WRONG))
+def test_hooks_check_names_the_mistake_and_leaves_no_hook(llama, ids, name):
+    fn, fragment = HOOKS_WRONG[name]
+    with pytest.raises(CheckFailed, match=fragment):
+        check_block_influence_hooks(fn, llama, ids, lengths=(16, 9, 4))
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in llama.modules())
 
 
 # ----------------------------------------------------------------------------- 04: helpers
@@ -281,3 +341,49 @@ def test_dead_neuron_explorer_draws():
     _, explorer = dead_neuron_explorer({"m": {0.01: [torch.tensor([0.0, 1.0])]}}, draw=True)
     explorer.threshold.value = 0.5
     assert explorer.figure is not None
+
+
+def refit_right(w, x, keep, lam, *, toward_sliced=True):
+    x, w = x.double(), w.double()
+    x_kept = x[:, keep]
+    gram = x_kept.T @ x_kept + lam * torch.eye(len(keep), dtype=x.dtype)
+    rhs = x_kept.T @ (x @ w.T) + (lam * w[:, keep].T if toward_sliced else 0)
+    return torch.linalg.solve(gram, rhs).T
+
+
+REFIT_WRONG = {
+    "no ridge": (lambda w, x, keep, lam: refit_right(w, x, keep, 0.0), "plain least-squares"),
+    "toward zero": (lambda w, x, keep, lam: refit_right(w, x, keep, lam, toward_sliced=False), "toward zero"),
+    "pruned target": (lambda w, x, keep, lam: refit_right(w[:, keep], x[:, keep], torch.arange(len(keep)), lam,
+                                                          toward_sliced=False), "dense layer's output"),
+    "sliced": (lambda w, x, keep, lam: w[:, keep], "pruned weight unchanged"),
+    "transpose": (lambda w, x, keep, lam: refit_right(w, x, keep, lam).T, "transpose"),
+    "target product": (lambda w, x, keep, lam: x @ w, "matrix product failed"),
+    "ridge scaled": (lambda w, x, keep, lam: refit_right(w, x, keep, 10 * lam), "away from the solution"),
+}
+
+
+def test_down_refit_check_accepts_the_right_answer_in_float32_too(llama, ids):
+    out = check_down_refit(refit_right, llama, ids, layer=2)
+    assert (out["layer"], out["kept"], out["neurons"]) == (2, 36, 48)
+    assert out["fit_tokens"] == 48 and out["test_tokens"] == 16 and out["lam"] > 0
+    assert out["heldout_error"]["refit"] < out["heldout_error"]["sliced"]
+    check_down_refit(lambda w, x, keep, lam: refit_right(w, x, keep, lam).float(), llama, ids, layer=2)
+
+
+@pytest.mark.parametrize("name", sorted(REFIT_WRONG))
+def test_down_refit_check_names_the_mistake(name, llama, ids):
+    fn, fragment = REFIT_WRONG[name]
+    with pytest.raises(CheckFailed, match=fragment):
+        check_down_refit(fn, llama, ids, layer=2)
+
+
+def test_down_refit_check_names_a_singular_system(llama, ids):
+    def singular_solve(w, x, keep, lam):
+        x_kept = x.double()[:, keep]
+        return torch.linalg.solve(torch.zeros(len(keep), len(keep), dtype=torch.float64), x_kept.T @ x_kept).T
+
+    with pytest.raises(CheckFailed, match="lam \\* I"):
+        check_down_refit(singular_solve, llama, ids, layer=2)
+    with pytest.raises(CheckFailed, match="fit_windows=4"):
+        check_down_refit(refit_right, llama, ids, fit_windows=4)

@@ -26,6 +26,7 @@ from course_lib.hardware import (
     hardware_sizes,
     is_multiple,
     matmul_flops,
+    mask_two_four,
     matmul_time,
     model_shapes,
     parameter_breakdown,
@@ -33,6 +34,7 @@ from course_lib.hardware import (
     resolve_device,
     sweep_table,
     time_call,
+    two_four_mask,
     unstructured_vs_structured,
     width_explorer,
     width_sweep,
@@ -121,6 +123,48 @@ def test_unstructured_vs_structured_reports_ratios_per_round():
     assert without.csr_ms is None and without.csr_ratio is None
     with pytest.raises(ValueError, match="sparsity"):
         unstructured_vs_structured(8, 64, 64, sparsity=1.0)
+
+
+def test_unstructured_vs_structured_with_the_two_four_pattern():
+    cmp = unstructured_vs_structured(8, 64, 64, repeats=1, rounds=1, warmup=0, include_csr=False, pattern="2:4")
+    assert set(cmp.best_ms) == {"dense", "zeroed", "sliced"} and cmp.kept_rows == 32
+    with pytest.raises(ValueError, match="sparsity=0.3"):
+        unstructured_vs_structured(8, 64, 64, sparsity=0.3, pattern="2:4")
+    with pytest.raises(ValueError, match="pattern='4:8'"):
+        unstructured_vs_structured(8, 64, 64, pattern="4:8")
+
+
+# ----------------------------------------------------------------------------- 2:4 masks
+
+
+def test_two_four_mask_keeps_exactly_the_two_largest_of_every_four():
+    weight = torch.randn(6, 32, generator=torch.Generator().manual_seed(0))
+    mask = two_four_mask(weight)
+    assert mask.dtype == torch.bool and mask.shape == weight.shape
+    groups, kept = weight.abs().reshape(6, 8, 4), mask.reshape(6, 8, 4)
+    assert (kept.sum(-1) == 2).all(), "exactly 2 nonzeros per group of 4 consecutive inputs"
+    smallest_kept = groups.masked_fill(~kept, float("inf")).amin(-1)
+    largest_dropped = groups.masked_fill(kept, -1.0).amax(-1)
+    assert (smallest_kept >= largest_dropped).all(), "every kept |w| is at least every dropped |w| of its group"
+    # a hand-made row: groups (1, -5, 2, 0.5) and (0, 0, -3, 3) keep (-5, 2) and (-3, 3), whatever the sign
+    row = torch.tensor([[1.0, -5.0, 2.0, 0.5, 0.0, 0.0, -3.0, 3.0]])
+    assert two_four_mask(row).tolist() == [[False, True, True, False, False, False, True, True]]
+    with pytest.raises(ValueError, match=r"weight.*\(4, 6\)"):
+        two_four_mask(torch.zeros(4, 6))
+
+
+def test_mask_two_four_masks_every_block_linear_and_nothing_else():
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)).eval()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    zeroed = mask_two_four(model)
+    block_linears = [m for layer in model.model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    assert zeroed == sum(m.weight.numel() for m in block_linears) // 2
+    for linear in block_linears:
+        assert ((linear.weight != 0).reshape(linear.out_features, -1, 4).sum(-1) == 2).all()
+    for name, p in model.named_parameters():
+        if ".layers." not in name or "norm" in name:
+            assert torch.equal(p, before[name]), f"{name} should stay dense"
 
 
 def test_measurement_properties():

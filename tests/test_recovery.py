@@ -208,3 +208,20 @@ def test_an_interrupted_recovery_hands_back_the_model_it_was_given(lora_rank, mo
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert model.get_input_embeddings().weight.requires_grad  # the freeze is undone too
+
+
+@pytest.mark.parametrize("bf16_seconds,expected", [(0.004, False), (0.0005, True)])
+def test_cpu_bf16_autocast_only_where_measured_faster(monkeypatch, bf16_seconds, expected):
+    import time as clock
+
+    from course_lib import recovery
+
+    def linear(a, b):  # fp32 products take 2 ms; bf16 ones as the parameter says
+        clock.sleep(bf16_seconds if a.dtype == torch.bfloat16 else 0.002)
+
+    monkeypatch.setattr(recovery.nn.functional, "linear", linear)
+    recovery._cpu_bf16_faster.cache_clear()
+    try:
+        assert recovery._cpu_bf16_faster() is expected
+    finally:
+        recovery._cpu_bf16_faster.cache_clear()

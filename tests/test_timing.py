@@ -68,8 +68,20 @@ def test_paired_speedup_is_the_median_ratio_of_neighbouring_samples():
         timing.paired_speedup([1.0, 2.0], [1.0])
 
 
+def test_compare_times_prompts_of_the_asked_batch():
+    shapes = []
+
+    def prefill(model, ids):
+        shapes.append(tuple(ids.shape))
+        return 1e-3
+
+    timing.compare({"a": _Fake(False)}, seq=5, batch=3, rounds=1, warmup=0, prefill_calls=1,
+                   timers=(prefill, None))
+    assert shapes == [(3, 5)]
+
+
 @pytest.mark.parametrize("argument,value", [("seq", 0), ("new_tokens", 0), ("rounds", 0), ("prefill_calls", 0),
-                                            ("warmup", -1)])
+                                            ("batch", 0), ("warmup", -1)])
 def test_compare_names_bad_settings(argument, value):
     with pytest.raises(ValueError, match=f"{argument} must be >= {0 if argument == 'warmup' else 1}, got {value}"):
         timing.compare({"a": _Fake(True)}, **{argument: value})

@@ -6,6 +6,12 @@ Checks
     computation written here.
     :func:`check_heads_parameters` (03): the parameters a head plan removes from an MHA encoder,
     judged against ``surgery.parameters_removed`` and against real surgery on a copy.
+    :func:`check_head_surgery` (03): a learner's surgery on one BERT layer (slice the rows of Q,
+    K, V and the input columns of O for a list of heads), judged weight by weight and output by
+    output against ``surgery.apply_plan`` on a copy.
+    :func:`check_head_selection` (03): a learner's global selection of the lowest-scored heads
+    with protected first/last layers and a per-layer minimum, judged against
+    ``selection.select_heads(..., multiple=1)``.
 
 Helpers
     :func:`taylor_by_part` splits each head's first-order Taylor score into its Q, K, V and O
@@ -187,6 +193,221 @@ def check_heads_parameters(fn: Callable, model: nn.Module, plan) -> int:
         check(False, f"got {got:,} parameters but the plan removes {expected:,}: {hint}")
     print(f"check_heads_parameters: {got:,} parameters, matching parameters_removed and the surgery")
     return expected
+
+
+# ----------------------------------------------------------------------------- 03: surgery
+
+
+def _probe(model: nn.Module, seed: int = 0) -> dict:
+    """Two random token sequences (the second padded) for comparing two models' outputs."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, min(int(model.config.vocab_size), 1000), (2, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _diagnose_rows(name: str, got: nn.Linear, ref: nn.Linear, dense: nn.Linear, heads: list[int], n: int,
+                   d: int) -> None:
+    """Name what is wrong with a learner's Q, K or V projection (output rows per head)."""
+    from ..pruned_modeling import head_rows
+
+    kept = n - len(heads)
+    wanted = (kept * d, dense.in_features)
+    shape = tuple(got.weight.shape)
+    check(shape[1] == dense.in_features,
+          f"{name}: weight shape {shape}, expected {wanted}: you sliced the columns (inputs) of {name}; a head owns "
+          f"head_dim output ROWS of {name} (dim 0 of weight: rows h * head_dim ... (h + 1) * head_dim - 1)")
+    check(shape[0] != n * d, f"{name}: still {n * d} output rows: {name} was not sliced")
+    check(shape[0] != n * d - len(heads),
+          f"{name}: {shape[0]} rows; you removed one row per head, but each head owns head_dim = {d} consecutive rows")
+    check(not (shape[0] == len(heads) * d and kept != len(heads)),
+          f"{name}: {shape[0]} rows = the listed heads: you kept the heads to remove instead of the others")
+    check(shape == wanted, f"{name}: weight shape {shape}, expected {wanted} ({kept} heads of {d} rows)")
+    check(got.bias is not None and got.bias.shape == ref.bias.shape,
+          f"{name}: bias {None if got.bias is None else tuple(got.bias.shape)}, expected {tuple(ref.bias.shape)}: "
+          "the removed rows' bias entries must go too (and the new Linear needs a bias)")
+    if not torch.equal(got.weight, ref.weight):
+        removed_only = head_rows(torch.tensor(heads), d)
+        strided = torch.tensor([h + n * j for h in range(n) if h not in heads for j in range(d)])
+        if kept == len(heads) and torch.equal(got.weight, dense.weight[removed_only]):
+            check(False, f"{name}: these are the rows of the listed heads: keep the OTHER heads")
+        if torch.equal(got.weight, dense.weight[strided]):
+            check(False, f"{name}: you took rows h, h + n_heads, h + 2 n_heads, ...; head h owns the CONSECUTIVE rows "
+                         "h * head_dim ... (h + 1) * head_dim - 1")
+        check(False, f"{name}: the weight has the right shape but not the kept heads' rows in their original order")
+    check(torch.equal(got.bias, ref.bias), f"{name}: the weight rows are right but the bias is not: slice the bias "
+                                           "with the same row indices")
+
+
+def check_head_surgery(fn: Callable, model: nn.Module, layer: int, heads: Sequence[int]) -> nn.Module:
+    """Check ``fn(block, heads)``: removes the listed heads from one BERT-family block in place.
+
+    A deep copy of ``model`` gets ``fn`` on its block ``layer``, another copy gets
+    ``apply_plan(copy, PruningPlan(heads={layer: heads}))``. Q, K, V (rows and biases), O (input
+    columns; its bias untouched), the attention module's ``num_attention_heads`` /
+    ``all_head_size`` and the outputs on a padded probe batch must be identical. ``model`` is not
+    changed. Returns the learner's pruned copy.
+    """
+    from ..plan import PruningPlan
+    from ..surgery import apply_plan
+
+    adapter, block, q, k, v, o = _linears(model, layer)
+    check(adapter.name == "bert", f"this exercise prunes a BERT-family encoder; the model is {adapter.name}")
+    n, d = adapter.num_heads(block), adapter.head_dim(model)
+    heads = sorted(int(h) for h in heads)
+    check(heads and len(set(heads)) == len(heads) and all(0 <= h < n for h in heads) and len(heads) < n,
+          f"heads must list distinct heads of the layer (0 .. {n - 1}), leaving at least one, got {heads}")
+    mine, ref = copy.deepcopy(model), apply_plan(copy.deepcopy(model), PruningPlan(heads={layer: heads}))
+    fn(adapter.blocks(mine)[layer], list(heads))
+    _, _, *got = _linears(mine, layer)
+    _, _, *want = _linears(ref, layer)
+    for name, g, r, dense in zip(("query", "key", "value"), got[:3], want[:3], (q, k, v)):
+        _diagnose_rows(name, g, r, dense, heads, n, d)
+    go, ro = got[3], want[3]
+    shape = tuple(go.weight.shape)
+    check(shape[0] == o.out_features, f"output dense (O): weight shape {shape}, expected {tuple(ro.weight.shape)}: "
+                                      "you sliced O's rows (its outputs, the hidden size); a head owns head_dim input "
+                                      "COLUMNS of O (dim 1 of weight)")
+    check(shape[1] != n * d, "output dense (O): still all input columns: the removed heads' outputs are gone, so "
+                             "their head_dim input columns of O must go too")
+    check(shape == tuple(ro.weight.shape), f"output dense (O): weight shape {shape}, expected {tuple(ro.weight.shape)}")
+    check(torch.equal(go.weight, ro.weight), "output dense (O): right shape, wrong columns: keep the kept heads' "
+                                             "columns h * head_dim ... (h + 1) * head_dim - 1, in order")
+    check(go.bias is not None and torch.equal(go.bias, o.bias),
+          "output dense (O): its bias must stay exactly as it was (its size is the hidden size, which does not change)")
+    attention = adapter.attention(adapter.blocks(mine)[layer])
+    kept = n - len(heads)
+    check(attention.num_attention_heads == kept and attention.all_head_size == kept * d,
+          f"the attention module still says num_attention_heads={attention.num_attention_heads}, "
+          f"all_head_size={attention.all_head_size}; after removing {len(heads)} of {n} heads set them to "
+          f"{kept} and {kept * d} (save_pretrained and later code read them)")
+    for i, (b_mine, b_dense) in enumerate(zip(adapter.blocks(mine), adapter.blocks(model))):
+        if i != layer:
+            check(all(torch.equal(a, b) for a, b in zip(b_mine.parameters(), b_dense.parameters())),
+                  f"layer {i} changed, but only layer {layer} should be pruned")
+    probe = _probe(model)
+    with torch.no_grad():
+        a, b = mine(**probe)[0], ref(**probe)[0]
+    check(torch.allclose(a, b, rtol=0, atol=1e-6),
+          f"the weights match but the outputs differ by up to {float((a - b).abs().max()):.3g}")
+    print(f"check_head_surgery: layer {layer} without heads {heads}: every weight and the outputs equal apply_plan's")
+    return mine
+
+
+# ----------------------------------------------------------------------------- 03: selection
+
+
+def _normalised_selection(got, where: str) -> dict[int, list[int]]:
+    check(isinstance(got, dict), f"{where}: return a dict {{layer: [heads to remove]}}, got {type(got).__name__}")
+    out = {}
+    for layer, heads in got.items():
+        heads = [int(h) for h in (heads.tolist() if isinstance(heads, torch.Tensor) else heads)]
+        check(len(set(heads)) == len(heads), f"{where}: layer {layer} lists a head twice: {heads}")
+        if heads:
+            out[int(layer)] = sorted(heads)
+    return out
+
+
+def _selection_variants(scores: torch.Tensor, count: int, protect_first: int, protect_last: int,
+                        min_heads: int) -> dict[str, dict[int, list[int]]]:
+    """The usual wrong selections, for naming a learner's mistake."""
+    n_layers, n_heads = scores.shape
+    protected = set(range(protect_first)) | set(range(n_layers - protect_last, n_layers))
+    order = sorted(((float(scores[i, h]), i, h) for i in range(n_layers) for h in range(n_heads)))
+
+    def take(items, skip_protected=True, respect_min=True):
+        out: dict[int, list[int]] = {}
+        for _, i, h in items:
+            if sum(map(len, out.values())) == count:
+                break
+            if (skip_protected and i in protected) or (respect_min and len(out.get(i, [])) >= n_heads - min_heads):
+                continue
+            out.setdefault(i, []).append(h)
+        return {i: sorted(h) for i, h in out.items()}
+
+    free = [i for i in range(n_layers) if i not in protected]
+    per_layer: dict[int, list[int]] = {}
+    if free:
+        share = count // len(free)
+        for j, i in enumerate(free):
+            k = min(share + (j < count % len(free)), n_heads - min_heads)
+            per_layer[i] = sorted(torch.argsort(scores[i], stable=True)[:k].tolist()) if k else []
+    return {
+        "protections ignored": take(order, skip_protected=False),
+        "minimum ignored": take(order, respect_min=False),
+        "highest": take(order[::-1]),
+        "per layer": {i: h for i, h in per_layer.items() if h},
+    }
+
+
+_SELECTION_HINTS = {
+    "protections ignored": "you removed heads from a protected layer: skip the first protect_first and the last "
+                           "protect_last layers entirely",
+    "minimum ignored": "a layer kept fewer than min_heads heads: when a layer is down to min_heads, skip its "
+                       "remaining heads and go on with the next-lowest head of another layer",
+    "highest": "you removed the HIGHEST-scored heads: higher scores mean more important, remove the lowest",
+    "per layer": "you took the same number of heads from every layer: rank all heads of all allowed layers "
+                 "TOGETHER (one global order) and take the lowest, wherever they are",
+}
+
+
+def _judge_selection(got, expected: dict, scores, count, protect_first, protect_last, min_heads, where) -> None:
+    n_layers, n_heads = scores.shape
+    got = _normalised_selection(got, where)
+    if got == expected:
+        return
+    for name, variant in _selection_variants(scores, count, protect_first, protect_last, min_heads).items():
+        if got == variant and variant != expected:
+            check(False, f"{where}: {_SELECTION_HINTS[name]}")
+    removed = sum(map(len, got.values()))
+    check(removed == count, f"{where}: you removed {removed} heads, count asks for {count}")
+    protected = [i for i in got if i < protect_first or i >= n_layers - protect_last]
+    check(not protected, f"{where}: layers {protected} are protected: {_SELECTION_HINTS['protections ignored']}")
+    thin = [i for i, h in got.items() if n_heads - len(h) < min_heads]
+    check(not thin, f"{where}: layers {thin} keep fewer than min_heads={min_heads}: {_SELECTION_HINTS['minimum ignored']}")
+    check(False, f"{where}: got {got} but expected {expected}: sort every head of the unprotected layers by score "
+                 "(lowest first; ties: lower layer, then lower head) and take them one by one, skipping a head "
+                 "whose layer is already down to min_heads, until count heads are chosen")
+
+
+def check_head_selection(fn: Callable, model: nn.Module, scores: torch.Tensor, count: int, *, protect_first: int = 1,
+                         protect_last: int = 1, min_heads: int = 1) -> dict[int, list[int]]:
+    """Check ``fn(scores, count, protect_first, protect_last, min_heads) -> {layer: [heads]}``.
+
+    The reference is ``select_heads(model, scores, count=..., multiple=1)`` (no width alignment):
+    the ``count`` lowest-scored heads over all unprotected layers, each layer keeping at least
+    ``min_heads``. Judged on ``scores`` with the given rules, then on synthetic scores built so that
+    every rule decides something (the lowest scores sit in a protected layer, and one layer is
+    weak enough to be emptied without ``min_heads``). Returns the learner's selection on ``scores``.
+    """
+    from ..selection import select_heads
+
+    scores = torch.as_tensor(scores, dtype=torch.float32)
+    n_layers, n_heads = scores.shape
+
+    def reference(s, c, pf, pl, mh):
+        plan = select_heads(model, s, count=c, protect_first=pf, protect_last=pl, min_heads=mh, multiple=1,
+                            strict=True)
+        return {i: sorted(h) for i, h in plan.heads.items()}
+
+    rules = (protect_first, protect_last, min_heads)
+    got = _normalised_selection(fn(scores.clone(), count, *rules), "your scores")
+    _judge_selection(got, reference(scores, count, *rules), scores, count, *rules, "on the given scores")
+    g = torch.Generator().manual_seed(0)
+    synthetic = torch.rand(n_layers, n_heads, generator=g) + 1.0
+    pf, pl = min(1, n_layers - 1), 1 if n_layers > 2 else 0
+    synthetic[0] -= 1.0  # the lowest scores of all: only the protection keeps them
+    weak = pf  # the first unprotected layer: weak enough to be emptied without min_heads
+    synthetic[weak] -= 0.9
+    capacity = (n_layers - pf - pl) * (n_heads - 1)
+    counts = sorted({min(n_heads - 1, capacity), min(n_heads + 1, capacity)})  # the weak layer alone; then beyond it
+    for c in counts:
+        _judge_selection(fn(synthetic.clone(), c, pf, pl, 1), reference(synthetic, c, pf, pl, 1), synthetic, c, pf,
+                         pl, 1, f"synthetic scores (protect_first={pf}, protect_last={pl}, min_heads=1, count={c})")
+    print(f"check_head_selection: {count} heads on your scores and {' and '.join(map(str, counts))} on synthetic "
+          "scores, as select_heads chooses")
+    return got
 
 
 # ----------------------------------------------------------------------------- teaching helpers

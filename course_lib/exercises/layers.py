@@ -6,6 +6,10 @@ Check
     independent computation, then on SmolLM2's real hidden states against
     ``importance.block_influence``. The usual mistakes (flattening the sequence, forgetting the
     mask, averaging per sequence, cosine along the wrong axis, ...) are recognised and named.
+    :func:`check_block_influence_hooks`: a learner's forward hooks that stream the per-token
+    angular distance of every block over padded batches, judged against
+    ``importance.block_influence(metric="angular")``; names flattening, ``1 - cos``, the missing
+    mask, per-sequence or per-batch means, and hooks left on the model.
 
 Helpers
     :func:`flattened_block_influence` computes the lesson's version (one cosine per sequence over
@@ -35,6 +39,7 @@ __all__ = [
     "LayerRemovalExplorer",
     "block_io",
     "cache_indices",
+    "check_block_influence_hooks",
     "check_token_distance",
     "flattened_block_influence",
     "layer_removal_explorer",
@@ -273,6 +278,138 @@ def check_token_distance(fn: Callable, model: nn.Module | None = None, calib: to
     print("check_token_distance: correct on synthetic tensors"
           + (f" and on real hidden states of layers {sorted(out)} (matches importance.block_influence)" if out else ""))
     return out
+
+
+# ----------------------------------------------------------------------------- exercise: hooks
+
+
+def _hook_count(model: nn.Module) -> dict[int, tuple[set, set]]:
+    """``{id(module): (forward hook ids, forward pre-hook ids)}`` for every module of ``model``."""
+    return {id(m): (set(m._forward_hooks), set(m._forward_pre_hooks)) for m in model.modules()}
+
+
+def _remove_new_hooks(model: nn.Module, before: dict) -> int:
+    """Remove the forward (pre-)hooks registered since ``before``; return how many there were."""
+    removed = 0
+    for m in model.modules():
+        old_post, old_pre = before.get(id(m), (set(), set()))
+        for hooks, old, extras in ((m._forward_hooks, old_post, (m._forward_hooks_with_kwargs,
+                                                                 m._forward_hooks_always_called)),
+                                   (m._forward_pre_hooks, old_pre, (m._forward_pre_hooks_with_kwargs,))):
+            for key in [k for k in hooks if k not in old]:
+                del hooks[key]
+                for extra in extras:
+                    extra.pop(key, None)
+                removed += 1
+    return removed
+
+
+def _hook_variants(states: list[tuple[dict, torch.Tensor]], n_layers: int) -> dict[str, torch.Tensor]:
+    """``{name: [L]}``: the right angular block influence of some batches and the usual wrong ones.
+
+    ``states``: per batch, ``block_io``'s ``({layer: (x_in, x_out)}, mask)``.
+    """
+    out: dict[str, list[float]] = {}
+
+    def add(name, value):
+        out.setdefault(name, []).append(float(value))
+
+    for layer in range(n_layers):
+        angular, bi, every, per_seq, per_batch, flat_ang, flat_bi = [], [], [], [], [], [], []
+        for io, mask in states:
+            a, b = (t.double() for t in io[layer])
+            cos = F.cosine_similarity(a, b, dim=-1).clamp(-1, 1)
+            ang = torch.arccos(cos) / math.pi
+            keep = mask.bool()
+            angular.append(ang[keep]), bi.append((1 - cos)[keep]), every.append(ang.reshape(-1))
+            per_seq += [ang[i][keep[i]].mean() for i in range(a.shape[0])]
+            per_batch.append(ang[keep].mean())
+            flat = F.cosine_similarity(a.flatten(1), b.flatten(1), dim=1).clamp(-1, 1)
+            flat_ang.append(torch.arccos(flat) / math.pi), flat_bi.append(1 - flat)
+        add("right", torch.cat(angular).mean())
+        add("1 - cos", torch.cat(bi).mean())
+        add("no mask", torch.cat(every).mean())
+        add("per-sequence means", torch.stack(per_seq).mean())
+        add("per-batch means", torch.stack(per_batch).mean())
+        add("flattened", torch.cat(flat_ang).mean())
+        add("flattened, 1 - cos", torch.cat(flat_bi).mean())
+        add("sum", torch.cat(angular).sum())
+    return {name: torch.tensor(values, dtype=torch.float64) for name, values in out.items()}
+
+
+_HOOK_HINTS = {
+    "1 - cos": "you computed 1 - cos (ShortGPT's block influence, exercise 1); this exercise asks for the "
+               "angular distance arccos(cos) / pi, the distance of Gromov et al. (section 3)",
+    "no mask": "you averaged over every position, padding included: keep only the tokens where the batch's "
+               "attention_mask is 1, and divide by their number",
+    "per-sequence means": "you averaged each sequence first and then the sequences: average over all real tokens "
+                          "of all batches at once (a running sum and a running token count)",
+    "per-batch means": "you averaged each batch and then the batches: keep one running sum per block and one "
+                       "running count of real tokens over ALL batches, and divide once at the end",
+    "flattened": "you flattened each sequence into one [T * D] vector (the lesson's flaw, section 2): take one "
+                 "cosine per TOKEN, over the hidden dimension (dim=-1)",
+    "flattened, 1 - cos": "you flattened each sequence into one [T * D] vector and took 1 - cos: that is the "
+                          "lesson's score exactly (section 2). Take one angular distance per TOKEN, over dim=-1",
+    "sum": "you returned the sums: divide each block's sum by the number of real tokens",
+}
+
+
+def check_block_influence_hooks(fn: Callable, model: nn.Module, calib: torch.Tensor,
+                                lengths: Sequence[int] = (32, 20, 8), batch_size: int = 2) -> torch.Tensor:
+    """Check ``fn(model, batches) -> [L]``: per block, the mean over ALL real tokens of the angular
+    distance ``arccos(cos(x_t, y_t)) / pi`` between the hidden vectors entering and leaving it.
+
+    ``batches`` are padded dicts (``input_ids``, ``attention_mask``) cut from ``calib`` (``[N, T]``
+    token ids, ``N >= len(lengths)``) at ``lengths``, ``batch_size`` rows each, so the answer needs
+    the mask and a token-weighted mean across batches. The reference is
+    ``importance.block_influence(model, ..., metric="angular")`` on the same rows; the check also
+    verifies that ``fn`` left no hook on the model (and removes any it left). Returns ``fn``'s scores.
+    """
+    from ..importance import block_influence, make_batches
+    from ..importance._calibration import pad_id
+    from ..pruned_modeling import adapter_for
+
+    check(calib.dim() == 2 and calib.shape[0] >= len(lengths),
+          f"calib must be token ids [N, T] with N >= {len(lengths)} (one row per length), got {tuple(calib.shape)}")
+    n_layers = len(adapter_for(model).blocks(model))
+    rows = padded_batch(calib, [min(int(n), calib.shape[1]) for n in lengths])
+    batches = make_batches(rows, batch_size, pad_id(model))
+    before = _hook_count(model)
+    got = fn(model, [dict(b) for b in batches])
+    left = _remove_new_hooks(model, before)
+    check(left == 0, f"{left} hook(s) were still registered on the model after your function returned (the check "
+                     "removed them): keep the handles that register_forward_hook returns and call handle.remove() "
+                     "on each, in a finally block so that an error inside the loop removes them too")
+    check(isinstance(got, torch.Tensor), f"return a tensor of {n_layers} values (one per block), got "
+                                         f"{type(got).__name__}")
+    check(got.numel() == n_layers, f"got shape {tuple(got.shape)}; expected [{n_layers}]: one mean distance per "
+                                   "block, each averaged over the real tokens of all batches")
+    got = got.detach().double().reshape(-1)
+    check(bool(torch.isfinite(got).all()), "some values are NaN or infinite: a division by zero tokens, or arccos of "
+                                           "a cosine a little above 1 (clamp it to [-1, 1])")
+    starts = range(0, len(rows), batch_size)
+    variants = _hook_variants([block_io(model, rows[s:s + batch_size]) for s in starts], n_layers)
+    reference = block_influence(model, rows, metric="angular", batch_size=batch_size, progress=False).double()
+    check(torch.allclose(variants["right"], reference, rtol=1e-4, atol=1e-6),
+          "internal: the check's own angular distances disagree with importance.block_influence")
+
+    def matches(values):
+        return torch.allclose(got, values, rtol=1e-4, atol=1e-6)
+
+    if not matches(variants["right"]):
+        for name, values in variants.items():
+            if name != "right" and matches(values):
+                check(False, f"got {got[:3].tolist()} ... for blocks 0-2 but expected {variants['right'][:3].tolist()} "
+                             f"...: {_HOOK_HINTS[name]}")
+        worst = int((got - variants["right"]).abs().argmax())
+        check(False, f"block {worst}: got {float(got[worst]):.6f} but expected {float(variants['right'][worst]):.6f}. "
+                     "For every real token t of every batch: d_t = arccos(<x_t, y_t> / (|x_t| |y_t|)) / pi, with x_t "
+                     "the block's input (the hidden_states it is called with) and y_t its output (the first "
+                     "element if it returns a tuple); the score is the sum of d_t over all batches divided by the "
+                     "number of real tokens")
+    print(f"check_block_influence_hooks: correct on {len(rows)} padded windows in {len(batches)} batches, all "
+          f"{n_layers} blocks (matches importance.block_influence(metric='angular')); no hook left behind")
+    return got.float()
 
 
 # ----------------------------------------------------------------------------- removal

@@ -34,6 +34,7 @@ from ..viz import show_in
 __all__ = [
     "DeadNeuronExplorer",
     "bottom_overlap",
+    "check_down_refit",
     "check_gated_neuron_parameters",
     "check_wanda_scores",
     "compare_latency",
@@ -277,6 +278,135 @@ def check_gated_neuron_parameters(fn: Callable, model: nn.Module, plan, pruned: 
     print(f"check_gated_neuron_parameters: {got:,} parameters, matching parameters_removed"
           + (" and the pruned model" if pruned is not None else ""))
     return expected
+
+
+# ----------------------------------------------------------------------------- exercise: refit down_proj
+
+
+def _relative_error(x_kept: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> float:
+    """``||x_kept W'^T - target||^2 / ||target||^2``: the share of the dense output a refit misses."""
+    return float((x_kept @ weight.T - target).pow(2).sum() / target.pow(2).sum())
+
+
+def _refit_variants(w: torch.Tensor, x: torch.Tensor, keep: torch.Tensor, lam: float) -> dict[str, torch.Tensor]:
+    """The right solution and the slips it is confused with, all ``[hidden, kept]`` float64.
+
+    Right: ``min ||x_kept W'^T - x w^T||^2 + lam ||W' - w[:, keep]||^2``, the ridge pulling toward
+    the sliced weight, which is what ``reconstruction.refit`` solves (it damps the whole Gram matrix).
+    """
+    x_kept, sliced = x[:, keep], w[:, keep]
+    gram = x_kept.T @ x_kept
+    ridge = gram + lam * torch.eye(len(keep), dtype=x.dtype)
+    dense_target = x_kept.T @ (x @ w.T)
+    return {
+        "right": torch.linalg.solve(ridge, dense_target + lam * sliced.T).T,
+        "toward zero": torch.linalg.solve(ridge, dense_target).T,
+        "no ridge": torch.linalg.lstsq(x_kept, x @ w.T, driver="gelsd").solution.T,
+        "pruned target": torch.linalg.solve(ridge, gram @ sliced.T).T,
+        "sliced": sliced,
+    }
+
+
+_REFIT_HINTS = {
+    "toward zero": "your ridge pulls W' toward zero (lam * ||W'||^2); this one pulls it toward the sliced weight, "
+                   "lam * ||W' - w_down[:, keep]||^2, so add lam * w_down[:, keep].T to the right-hand side. With "
+                   "few tokens the refit then stays near the pruned layer instead of shrinking its outputs",
+    "no ridge": "that is the plain least-squares solution: add lam * I to the kept Gram matrix x_kept^T x_kept "
+                "(and lam * w_down[:, keep].T to the right-hand side). The ridge keeps the fit stable when neurons "
+                "are correlated or there are few tokens per kept neuron",
+    "pruned target": "you fitted the pruned layer's own outputs, x_kept @ w_down[:, keep].T; the target is the "
+                     "dense layer's output on the same tokens, x @ w_down.T, which the removed neurons contributed to",
+    "sliced": "that is w_down[:, keep], the pruned weight unchanged: either nothing was refitted, or the target was "
+              "the pruned layer's own output (whose best fit is itself); the target is the dense output x @ w_down.T",
+}
+
+
+def check_down_refit(fn: Callable, model: nn.Module, calib, *, layer: int = 14, keep_share: float = 0.75,
+                     fit_windows: int | None = None, ridge: float | None = None) -> dict:
+    """Check ``fn(w_down, x, keep, lam) -> Tensor[hidden, kept]``: the ridge least-squares refit of
+    one layer's down (output) projection after its MLP keeps only the neurons ``keep``.
+
+    ``w_down`` is the dense weight ``[hidden, intermediate]``, ``x`` the activations entering it on
+    calibration tokens ``[tokens, intermediate]``, ``keep`` the kept neuron indices and ``lam`` the
+    ridge (``ridge`` times the mean diagonal of ``x^T x``, as ``course_lib.reconstruction`` damps).
+    The answer minimises ``||x[:, keep] W'^T - x w_down^T||^2 + lam ||W' - w_down[:, keep]||^2``
+    (no bias here; the library also fits one). ``keep`` is the ``keep_share`` of the layer's neurons
+    with the highest Wanda score; the fit uses the first ``fit_windows`` windows of ``calib``
+    (default: all but a quarter) and the rest are held out. Returns the layer, the token counts, ``lam`` and the
+    held-out relative output error (:func:`_relative_error`) of the sliced weight, of the refit
+    without a ridge (for comparison) and of the learner's refit.
+    """
+    from ..pruned_modeling import adapter_for
+    from ..reconstruction import DEFAULT_RIDGE, Gram, refit
+
+    ridge = DEFAULT_RIDGE if ridge is None else ridge
+    check(ridge > 0, f"ridge must be positive, got ridge={ridge}")
+    check(0 < keep_share < 1, f"keep_share must be strictly between 0 and 1, got keep_share={keep_share}")
+    windows = len(calib)
+    fit_windows = max(1, windows - windows // 4) if fit_windows is None else fit_windows
+    check(0 < fit_windows < windows, f"fit_windows={fit_windows} must leave held-out windows of the {windows} given")
+    adapter = adapter_for(model)
+    blocks = adapter.blocks(model)
+    layer %= len(blocks)
+    linear = adapter.mlp_out(blocks[layer])
+    w = linear.weight.detach().double().cpu()
+    x_fit = mlp_inputs(model, calib[:fit_windows], [layer])[layer].double()
+    x_test = mlp_inputs(model, calib[fit_windows:], [layer])[layer].double()
+    n = w.shape[1]
+    wanda = w.abs().sum(0) * x_fit.norm(dim=0)
+    keep = torch.argsort(wanda, descending=True)[: max(1, round(keep_share * n))].sort().values
+    lam = ridge * float(torch.diagonal(x_fit.T @ x_fit).mean())
+    variants = _refit_variants(w, x_fit, keep, lam)
+
+    gram = Gram(n, linear.weight.device)  # the library's refit, token weights 1 and no bias: the same solution
+    gram.add(x_fit.to(linear.weight.device), torch.ones(len(x_fit), device=linear.weight.device))
+    library, _ = refit(linear, gram, keep, ridge, intercept=False)
+    check(torch.allclose(library.cpu(), variants["right"], rtol=1e-6, atol=1e-9),
+          "internal: the closed form disagrees with course_lib.reconstruction.refit")
+
+    shapes = (f"w_down is [hidden, intermediate] = {tuple(w.shape)}, x is [tokens, intermediate] = "
+              f"{tuple(x_fit.shape)}")
+    try:
+        with torch.no_grad():
+            got = fn(linear.weight.detach().clone().float().cpu(), x_fit.float().clone(), keep.clone(), lam)
+    except torch.linalg.LinAlgError as error:
+        raise CheckFailed(f"the solve failed ({str(error).splitlines()[0]}): x_kept^T x_kept is singular or nearly "
+                          f"so ({len(x_fit)} tokens for {len(keep)} kept neurons); add lam * I to it") from None
+    except RuntimeError as error:
+        if "shape" not in str(error) and "size" not in str(error):
+            raise
+        raise CheckFailed(f"a matrix product failed ({str(error).splitlines()[0]}): {shapes}; the dense outputs "
+                          f"are x @ w_down.T and the kept activations x[:, keep]") from None
+    check(isinstance(got, torch.Tensor), f"return a torch.Tensor, got {type(got).__name__}")
+    got = got.detach().double().cpu()
+    expected_shape = (w.shape[0], len(keep))
+    if tuple(got.shape) != expected_shape:
+        hint = "one row per output feature (hidden), one column per kept neuron, like nn.Linear's weight"
+        if tuple(got.shape) == expected_shape[::-1]:
+            hint = ("that is the transpose: solving the normal equations gives W'^T [kept, hidden]; nn.Linear "
+                    "stores [out_features, in_features], so return its .T")
+        check(False, f"shape {tuple(got.shape)} but expected {expected_shape}: {hint}")
+    check(bool(torch.isfinite(got).all()), "the weight holds NaN or inf: was the system singular? add lam * I")
+
+    def close(a, b):
+        return float((a - b).norm() / b.norm().clamp_min(1e-30)) < 1e-3  # float32 arithmetic passes
+
+    if not close(got, variants["right"]):
+        for name, value in variants.items():
+            if name != "right" and close(got, value):
+                check(False, _REFIT_HINTS[name])
+        off = float((got - variants["right"]).norm() / variants["right"].norm())
+        check(False, f"the weight is {off:.2%} away from the solution of min ||x_kept W'^T - x w_down^T||^2 + "
+                     f"lam ||W' - w_down[:, keep]||^2, i.e. W'^T = (x_kept^T x_kept + lam I)^-1 "
+                     f"(x_kept^T x w_down^T + lam w_down[:, keep]^T)")
+    target = x_test @ w.T
+    errors = {"sliced": _relative_error(x_test[:, keep], w[:, keep], target),
+              "no ridge": _relative_error(x_test[:, keep], variants["no ridge"], target),
+              "refit": _relative_error(x_test[:, keep], got, target)}
+    print(f"check_down_refit: layer {layer}, {len(keep)} of {n} neurons kept, fitted on {len(x_fit):,} tokens: "
+          f"matches the ridge least-squares solution")
+    return {"layer": layer, "kept": len(keep), "neurons": n, "fit_tokens": len(x_fit), "test_tokens": len(x_test),
+            "lam": lam, "heldout_error": errors}
 
 
 # ----------------------------------------------------------------------------- widget
