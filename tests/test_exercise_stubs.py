@@ -4,7 +4,8 @@ nbval runs the solved notebooks, so it proves each solution passes in context, b
 run, and it never sees the learners' copies. Here each fenced exercise cell is taken from the
 notebook as it is committed, executed twice (solved, and as ``strip_solutions`` writes it for
 learners) after the notebook's own import statements, and the check that the notebook calls on it
-runs on tiny random models in place of the embedded ones: a second or two for all of them.
+runs on tiny random models in place of the embedded ones: a second or two for all of them but
+the capstone, which is defined on the real SmolLM2 (about 20 s).
 
 The table ``CHECKS`` says, per exercise function, which check the notebook calls and how to call
 it cheaply. A new exercise without an entry, or an entry whose exercise is gone, fails the
@@ -63,6 +64,27 @@ def _gated_neuron_parameters(fn):
     return check_gated_neuron_parameters(fn, model, plan, pruned=apply_plan(copy.deepcopy(model), plan))
 
 
+def _capstone_on_disk(fn):
+    """The capstone's cheap half: what ``build_capstone`` saved loads and has the target's shape. The
+    notebook's ``check_capstone`` adds the minutes of perplexity and timing. (The one entry here that
+    loads the real SmolLM2: the capstone is defined on it.)"""
+    import tempfile
+
+    from course_lib.budget import block_parameters
+    from course_lib.exercises.capstone import Target, architecture, load_candidate, unaligned_widths
+    from course_lib.profiles import get_profile
+    from course_lib.zoo import load_decoder
+
+    with tempfile.TemporaryDirectory() as directory:
+        fn(Path(directory), get_profile("ci"))
+        shape, target = architecture(directory), Target()
+        removed = 1 - block_parameters(shape) / block_parameters(load_decoder(get_profile("ci").decoder)[0])
+        if removed < target.removed_share - 1e-9 or unaligned_widths(shape, target.multiple):
+            raise CheckFailed(f"the saved model removes {removed:.1%} of the decoder-layer parameters, widths "
+                              f"unaligned: {unaligned_widths(shape, target.multiple)}")
+        load_candidate(directory)
+
+
 def _attention_params_per_head(fn):
     model = tiny_llama()  # the notebook asks it of SmolLM2's config: a Llama, GQA, no attention bias
     return check_attention_params_per_head(model, *fn(model.config))
@@ -88,6 +110,7 @@ CHECKS: dict[str, tuple[str, Callable[[Callable], object]]] = {
     "distillation_loss": ("check_distillation_loss", check_distillation_loss),
     "my_split": ("check_split", check_split),
     "rtn_int4": ("check_rtn_int4", check_rtn_int4),
+    "build_capstone": ("check_capstone", _capstone_on_disk),
 }
 
 

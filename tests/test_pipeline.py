@@ -9,12 +9,17 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
+from course_lib.__main__ import main
 from course_lib.evaluate import accuracy, perplexity
 from course_lib.pipeline import PruningConfig, run
 from course_lib.plan import PruningPlan
 from course_lib import lowbit
 from course_lib.quantize import load_awq
 from course_lib.surgery import apply_plan
+
+# Every model here is tiny: one intra-op thread loses nothing, and spares the 10x stall of two
+# OpenMP threads on 2 cores shared with another process (a 2.7 s test measured 46 s that way).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _NoTokenizer:
@@ -247,20 +252,48 @@ def test_budget_and_explicit_amounts_are_exclusive():
         PruningConfig(param_fraction=0.2, neuron_fraction=0.1)
 
 
-@pytest.mark.parametrize("args,message", [
+CLI_BAD_ARGUMENTS = [
     (["--neuron-fraction", "1.5"], "--neuron-fraction must be in [0, 1), got 1.5"),
     (["--head-method", "psychic"], "--head-method='psychic' is unknown"),
     (["--param-fraction", "1.2"], "--param-fraction must be in [0, 1), got 1.2"),
     (["--recovery-tokens", "-5"], "--recovery-tokens must be >= 0"),
     (["--temperature", "-1"], "invalid --temperature=-1.0"),
-])
-def test_cli_rejects_bad_arguments(tmp_path, args, message):
+]
+
+
+def cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """``python -m course_lib *argv`` in this process: (exit code, stdout, stderr).
+
+    A subprocess would spend ~6 s of 2 cores importing torch and transformers before it parsed a
+    flag; ``main`` returns the exit code the command exits with, and argparse's own exits
+    (``--help``) raise ``SystemExit``. test_python_dash_m_course_lib_is_a_command runs the real command.
+    """
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("args,message", CLI_BAD_ARGUMENTS)
+def test_cli_rejects_bad_arguments(tmp_path, capsys, args, message):
+    code, _, err = cli(["run", "--out", str(tmp_path), *args], capsys)
+    assert code == 2
+    assert message in err
+
+
+def test_cli_help_lists_the_commands(capsys):
+    code, out, _ = cli(["--help"], capsys)
+    assert code == 0 and "demo" in out and "run" in out
+
+
+def test_python_dash_m_course_lib_is_a_command(tmp_path):
+    """The one subprocess: ``python -m course_lib`` runs ``main`` and exits with the code it returns,
+    the refusal on stderr (the first bad argument above)."""
+    args, message = CLI_BAD_ARGUMENTS[0]
     result = subprocess.run([sys.executable, "-m", "course_lib", "run", "--out", str(tmp_path), *args],
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert message in result.stderr
-
-
-def test_cli_help_lists_the_commands():
-    result = subprocess.run([sys.executable, "-m", "course_lib", "--help"], capture_output=True, text=True)
-    assert result.returncode == 0 and "demo" in result.stdout and "run" in result.stdout
