@@ -24,6 +24,12 @@ model runs as fast as its arithmetic (prefill) or its bytes (decode) allow.
 
 The kernel figures quoted in ``course_lib/lowbit.py`` (one 1536 x 576 linear, batch 1) come from
 ``--kernels``, which times the bare aten calls.
+
+``--overhead`` splits a decode step of the combined SmolLM2 (fp32 and INT4) into its weight
+matmuls and everything else, by timing each model beside a copy whose linear layers are hollow
+(they return zeros of the right shape): full - hollow is the matmuls' time. A low-bit format only
+shrinks the first part, so at batch 1 the speedup is capped by the per-token rest (norms, rotary,
+attention, the KV cache, Python), which fp32 and INT4 both pay.
 """
 
 from __future__ import annotations
@@ -184,6 +190,53 @@ def kernels() -> None:
         print(f"| {rows} | " + " | ".join(f"{medians[k]:.3f}" for k in calls) + " |")
 
 
+class Hollow(torch.nn.Module):
+    """Stands in for a linear layer: zeros of its output shape, no arithmetic, no weights read."""
+
+    def __init__(self, out_features: int, dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.dtype = out_features, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features, dtype=self.dtype)
+
+
+def hollow(model):
+    """A copy of ``model`` whose linear layers (fp32 or low-bit) are ``Hollow``."""
+    from course_lib import lowbit
+
+    model = copy.deepcopy(model)
+    linears = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, (torch.nn.Linear, lowbit.Int4Linear, lowbit.Int8Linear))]
+    for name, m in linears:
+        parent, _, attr = name.rpartition(".")
+        dtype = m.weight.dtype if isinstance(m, torch.nn.Linear) else lowbit.COMPUTE_DTYPE
+        setattr(model.get_submodule(parent), attr, Hollow(m.out_features, dtype))
+    return model
+
+
+def overhead(rounds: int, seq: int, new_tokens: int) -> dict:
+    """Decode ms per token of the combined SmolLM2 in fp32 and INT4, each beside its hollow copy."""
+    model = zoo.load_decoder()[0].eval()
+    combined = apply_plan(copy.deepcopy(model), structures(model)["combined"])
+    full = {"fp32": combined, "int4": quantize.int4(copy.deepcopy(combined), None, group_size=64)}
+    models = {**full, **{f"{name} hollow": hollow(m) for name, m in full.items()}}
+    results = timing.compare(models, seq=seq, new_tokens=new_tokens, rounds=rounds, progress=True)
+    step = {name: 1e3 / r["decode_tokens_per_s"] for name, r in results.items()}
+    rows = {name: {"step_ms": step[name], "rest_ms": step[f"{name} hollow"],
+                   "matmul_ms": step[name] - step[f"{name} hollow"]} for name in full}
+    measured = timing.paired_speedup(results["fp32"]["decode_step_ms"], results["int4"]["decode_step_ms"])
+    print(f"\n### Decode step of the combined SmolLM2: {rounds} rounds, {new_tokens} tokens after {seq}\n")
+    print("| model | step ms | linear layers ms (step - hollow) | everything else ms (hollow) |")
+    print("|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['step_ms']:.2f} | {r['matmul_ms']:.2f} | {r['rest_ms']:.2f} |")
+    matmuls = rows["fp32"]["matmul_ms"] / rows["int4"]["matmul_ms"]
+    print(f"\nINT4 / fp32 decode: measured {measured:.2f}x; linear layers alone {matmuls:.2f}x; "
+          f"with the rest cut to half {(rows['fp32']['matmul_ms'] + rows['fp32']['rest_ms'] / 2) / (rows['int4']['matmul_ms'] + rows['int4']['rest_ms'] / 2):.2f}x")
+    return {"rows": rows, "measured_speedup": measured, "linear_speedup": matmuls}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=("smollm2", "minilm"), default=["smollm2", "minilm"])
@@ -192,10 +245,17 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--kernels", action="store_true", help="time the bare kernels instead")
+    parser.add_argument("--overhead", action="store_true",
+                        help="split SmolLM2's decode step into linear layers and the rest instead")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.kernels:
         kernels()
+        return 0
+    if args.overhead:
+        found = overhead(args.rounds, args.seq, args.new_tokens)
+        if args.json:
+            args.json.write_text(json.dumps(found, indent=2))
         return 0
     loaders = {"smollm2": lambda: zoo.load_decoder()[0], "minilm": lambda: zoo.load_encoder()[0]}
     everything = {}
