@@ -190,51 +190,21 @@ def kernels() -> None:
         print(f"| {rows} | " + " | ".join(f"{medians[k]:.3f}" for k in calls) + " |")
 
 
-class Hollow(torch.nn.Module):
-    """Stands in for a linear layer: zeros of its output shape, no arithmetic, no weights read."""
-
-    def __init__(self, out_features: int, dtype: torch.dtype):
-        super().__init__()
-        self.out_features, self.dtype = out_features, dtype
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.new_zeros(*x.shape[:-1], self.out_features, dtype=self.dtype)
-
-
-def hollow(model):
-    """A copy of ``model`` whose linear layers (fp32 or low-bit) are ``Hollow``."""
-    from course_lib import lowbit
-
-    model = copy.deepcopy(model)
-    linears = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, (torch.nn.Linear, lowbit.Int4Linear, lowbit.Int8Linear))]
-    for name, m in linears:
-        parent, _, attr = name.rpartition(".")
-        dtype = m.weight.dtype if isinstance(m, torch.nn.Linear) else lowbit.COMPUTE_DTYPE
-        setattr(model.get_submodule(parent), attr, Hollow(m.out_features, dtype))
-    return model
-
-
 def overhead(rounds: int, seq: int, new_tokens: int) -> dict:
-    """Decode ms per token of the combined SmolLM2 in fp32 and INT4, each beside its hollow copy."""
+    """Decode ms per token of the combined SmolLM2 in fp32 and INT4, split by ``timing.decode_breakdown``."""
     model = zoo.load_decoder()[0].eval()
     combined = apply_plan(copy.deepcopy(model), structures(model)["combined"])
-    full = {"fp32": combined, "int4": quantize.int4(copy.deepcopy(combined), None, group_size=64)}
-    models = {**full, **{f"{name} hollow": hollow(m) for name, m in full.items()}}
-    results = timing.compare(models, seq=seq, new_tokens=new_tokens, rounds=rounds, progress=True)
-    step = {name: 1e3 / r["decode_tokens_per_s"] for name, r in results.items()}
-    rows = {name: {"step_ms": step[name], "rest_ms": step[f"{name} hollow"],
-                   "matmul_ms": step[name] - step[f"{name} hollow"]} for name in full}
-    measured = timing.paired_speedup(results["fp32"]["decode_step_ms"], results["int4"]["decode_step_ms"])
+    models = {"fp32": combined, "int4": quantize.int4(copy.deepcopy(combined), None, group_size=64)}
+    rows = timing.decode_breakdown(models, seq=seq, new_tokens=new_tokens, rounds=rounds, progress=True)
+    measured = timing.paired_speedup(rows["fp32"]["decode_step_ms"], rows["int4"]["decode_step_ms"])
+    linear = rows["fp32"]["linear_ms"] / rows["int4"]["linear_ms"]
     print(f"\n### Decode step of the combined SmolLM2: {rounds} rounds, {new_tokens} tokens after {seq}\n")
     print("| model | step ms | linear layers ms (step - hollow) | everything else ms (hollow) |")
     print("|---|---|---|---|")
     for name, r in rows.items():
-        print(f"| {name} | {r['step_ms']:.2f} | {r['matmul_ms']:.2f} | {r['rest_ms']:.2f} |")
-    matmuls = rows["fp32"]["matmul_ms"] / rows["int4"]["matmul_ms"]
-    print(f"\nINT4 / fp32 decode: measured {measured:.2f}x; linear layers alone {matmuls:.2f}x; "
-          f"with the rest cut to half {(rows['fp32']['matmul_ms'] + rows['fp32']['rest_ms'] / 2) / (rows['int4']['matmul_ms'] + rows['int4']['rest_ms'] / 2):.2f}x")
-    return {"rows": rows, "measured_speedup": measured, "linear_speedup": matmuls}
+        print(f"| {name} | {r['step_ms']:.2f} | {r['linear_ms']:.2f} | {r['rest_ms']:.2f} |")
+    print(f"\nINT4 / fp32 decode: measured {measured:.2f}x; the linear layers alone {linear:.2f}x")
+    return {"rows": rows, "measured_speedup": measured, "linear_speedup": linear}
 
 
 def main() -> int:

@@ -14,10 +14,15 @@ neighbours (``paired_speedup``).
 * decode: one greedy step at batch 1 with the KV cache, after an untimed prefill of the same
   prompt; tokens per second = 1000 / the median step in ms. Each step reads every weight once,
   so on a CPU it is bandwidth-bound: its ideal speedup is the weight-byte ratio.
+
+``decode_breakdown`` says how far from that ideal a model can get: it times each model beside a
+``hollow`` copy whose linear layers return zeros, so the step splits into the linear layers and
+everything else (norms, rotary, attention, the KV cache, Python), which no weight format shrinks.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import statistics
 import time
@@ -27,6 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import lowbit
 from .errors import SettingError
 
 PREFILL_CALLS = 3  # forward passes timed per model and round
@@ -158,3 +164,52 @@ def paired_speedup(baseline: list[float] | None, other: list[float] | None) -> f
     if len(baseline) != len(other):
         raise SettingError(f"paired samples must be as many on both sides, got {len(baseline)} and {len(other)}")
     return statistics.median(b / o for b, o in zip(baseline, other))
+
+
+class Hollow(nn.Module):
+    """Stands in for a linear layer: zeros of its output shape and dtype, no arithmetic, no weights read."""
+
+    def __init__(self, out_features: int, dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.dtype = out_features, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features, dtype=self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"out_features={self.out_features}, dtype={self.dtype}"
+
+
+LINEARS = (nn.Linear, *lowbit.LAYERS.values())  # what ``hollow`` replaces: fp32 / bf16 and the low-bit layers
+
+
+def hollow(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose linear layers (``LINEARS``) are ``Hollow``: the same step without its matmuls."""
+    model = copy.deepcopy(model)
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, LINEARS)]:
+        parent, _, attr = name.rpartition(".")
+        dtype = module.weight.dtype if isinstance(module, nn.Linear) else lowbit.COMPUTE_DTYPE
+        setattr(model.get_submodule(parent), attr, Hollow(module.out_features, dtype))
+    return model
+
+
+def decode_breakdown(models: dict[str, nn.Module], **settings) -> dict[str, dict[str, float]]:
+    """Per model, the decode step in ms split into ``linear_ms`` and ``rest_ms``, with ``step_ms`` and
+    ``tokens_per_s``; ``settings`` go to ``compare``.
+
+    Every model is timed side by side with its ``hollow`` copy: the copy's step is the rest, the
+    difference the linear layers. A low-bit format shrinks only the first part, so the decode
+    speedup of model b over a is capped near ``linear_ms[a] / linear_ms[b]`` and falls towards 1 as
+    the rest grows.
+    """
+    generating = [name for name, model in models.items() if generates(model)]
+    if not generating:
+        raise SettingError(f"decode_breakdown needs causal LMs; none of {sorted(models)} generates")
+    timed = {**{name: models[name] for name in generating}, **{f"{name} (hollow)": hollow(models[name]) for name in generating}}
+    results = compare(timed, **settings)
+    breakdown = {}
+    for name in generating:
+        step, rest = (1e3 / results[key]["decode_tokens_per_s"] for key in (name, f"{name} (hollow)"))
+        breakdown[name] = {"step_ms": step, "linear_ms": step - rest, "rest_ms": rest,
+                           "tokens_per_s": results[name]["decode_tokens_per_s"], "decode_step_ms": results[name]["decode_step_ms"]}
+    return breakdown

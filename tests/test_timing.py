@@ -102,3 +102,40 @@ def test_decode_runs_exactly_the_asked_steps_with_the_cache():
     assert len(list(steps)) == 4 and lengths == [6, 1, 1, 1, 1, 1]  # one token per step with the cache
     assert timing.prefill_seconds(model, ids) > 0
     assert timing.generates(model) and not timing.generates(nn.Linear(2, 2))
+
+
+def _tiny_decoder() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1)).eval()
+
+
+def test_hollow_replaces_every_linear_layer_and_leaves_the_model_alone():
+    from course_lib import lowbit
+
+    model = _tiny_decoder()
+    model.model.layers[0].mlp.down_proj = lowbit.Int8Linear.from_linear(model.model.layers[0].mlp.down_proj)
+    ids = timing.prompt(model, 5)
+    with torch.no_grad():
+        before = model(ids).logits
+        empty = timing.hollow(model)
+        logits = empty(ids).logits
+    assert not any(isinstance(m, timing.LINEARS) for m in empty.modules())
+    assert sum(isinstance(m, timing.Hollow) for m in empty.modules()) == 2 * 7 + 1  # q k v o gate up down, LM head
+    assert empty.model.layers[0].mlp.down_proj.dtype == torch.bfloat16  # a low-bit layer's output dtype
+    assert logits.shape == before.shape and not logits.any()  # the LM head returns zeros
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)  # the original keeps its layers
+    assert isinstance(model.model.layers[0].mlp.down_proj, lowbit.Int8Linear)
+
+
+def test_decode_breakdown_splits_the_step_of_every_decoder():
+    model = _tiny_decoder()
+    rows = timing.decode_breakdown({"tiny": model, "encoder": nn.Linear(2, 2)}, seq=4, new_tokens=3, rounds=1)
+    assert set(rows) == {"tiny"}  # encoders have no decode step
+    row = rows["tiny"]
+    assert row["step_ms"] == pytest.approx(1e3 / row["tokens_per_s"])
+    assert row["linear_ms"] + row["rest_ms"] == pytest.approx(row["step_ms"]) and row["rest_ms"] > 0
+    assert len(row["decode_step_ms"]) == 3
+    with pytest.raises(ValueError, match=r"needs causal LMs; none of \['encoder'\] generates"):
+        timing.decode_breakdown({"encoder": nn.Linear(2, 2)})
