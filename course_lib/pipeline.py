@@ -100,6 +100,8 @@ class PruningConfig:
     latency_seq: int = 128  # prefill: 1 x this many tokens; decode starts from a prompt this long
     decode_tokens: int = 32  # new tokens timed per decode run
     timing_rounds: int = 7  # interleaved rounds; each figure is the median over them
+    prefill_passes: int = 12  # prefill passes per model and round: two demo runs with 3 differed by up to 8% on a
+    # shared 2-core machine (a median of 21 paired ratios has a standard error of ~2%); 12 halve that error
     seed: int = 0
     # the user's data (course_lib.user_data); all empty: the course's Wikipedia articles / movie-review snippets
     text_file: str = ""  # a causal LM's documents: plain text (blank-line separated) or a CSV / JSONL / Parquet table
@@ -131,7 +133,8 @@ class PruningConfig:
         if unknown:
             raise SettingError(f"quantize={unknown} is unknown; allowed: {', '.join(QUANTIZERS)}", setting="quantize")
         minimums = {"layers": 0, "protect_first": 0, "protect_last": 0, "multiple": 1, "steps": 1,
-                    "group_size": 1, "latency_seq": 2, "decode_tokens": 1, "timing_rounds": 1}
+                    "group_size": 1, "latency_seq": 2, "decode_tokens": 1, "timing_rounds": 1,
+                    "prefill_passes": 1}
         for name, low in minimums.items():
             if getattr(self, name) < low:
                 raise SettingError(f"{name} must be >= {low}, got {getattr(self, name)}", setting=name)
@@ -194,7 +197,7 @@ def _measure(name: str, model: nn.Module, task, config: PruningConfig, models: d
 def _time_stages(history: list[Stage], models: dict, config: PruningConfig, progress: bool) -> None:
     """Every kept stage model timed side by side (``timing.compare``), the figures written into ``history``."""
     results = timing.compare(models, seq=config.latency_seq, new_tokens=config.decode_tokens,
-                             rounds=config.timing_rounds, progress=progress)
+                             rounds=config.timing_rounds, prefill_calls=config.prefill_passes, progress=progress)
     for stage in history:
         if stage.stage in results:
             r = results[stage.stage]
@@ -532,7 +535,7 @@ def _write_report(config: PruningConfig, task, history: list[Stage], out: Path) 
     speed = (f"Speed: every stage's model timed side by side at the end of the run, {config.timing_rounds} rounds "
              f"after a warm-up round, the models taking turns pass by pass and token by token, "
              f"{torch.get_num_threads()} threads. Prefill: a forward pass of 1 x {config.latency_seq} tokens "
-             f"({timing.PREFILL_CALLS} per model and round), median (interquartile range) over passes; its ideal "
+             f"({config.prefill_passes} per model and round), median (interquartile range) over passes; its ideal "
              f"speedup is the FLOP ratio. Decode: {config.decode_tokens} greedy tokens per round at batch 1 with the "
              f"KV cache after a {config.latency_seq}-token prompt, 1000 / the median step in ms (IQR over steps); its "
              "ideal speedup is the weight-byte ratio (each token reads every weight once). Speedups against the "

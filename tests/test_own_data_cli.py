@@ -13,7 +13,7 @@ import pytest
 from course_lib.__main__ import main
 from course_lib.user_data import write_examples
 
-QUICK = ["--timing-rounds", "1", "--decode-tokens", "4", "--latency-seq", "32"]
+QUICK = ["--timing-rounds", "1", "--prefill-passes", "2", "--decode-tokens", "4", "--latency-seq", "32"]
 
 
 @pytest.fixture(scope="module")
