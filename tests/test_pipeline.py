@@ -109,7 +109,7 @@ def test_decoder_pipeline_end_to_end(tmp_path, steps):
     config = PruningConfig(model="tiny", layers=1, head_fraction=0.25, neuron_fraction=0.25, multiple=1,
                            protect_first=0, protect_last=1, steps=steps, recovery_tokens=2048, learning_rate=3e-3,
                            quantize=("int8", "bf16"), latency_seq=16, decode_tokens=4, timing_rounds=2,
-                           prefill_passes=3)
+                           prefill_passes=2)
     history = run(config, tmp_path, progress=False, task=TinyDecoderTask())
     names = [s.stage for s in history]
     expected = ["dense"] + [f"{kind}{f' {i}/{steps}' if steps > 1 else ''}" for i in range(1, steps + 1)
@@ -129,7 +129,7 @@ def test_decoder_pipeline_end_to_end(tmp_path, steps):
     saved = json.loads((tmp_path / "history.json").read_text())
     for stage in saved["history"]:
         assert stage["prefill_ms"] > 0 and stage["decode_tokens_per_s"] > 0, stage["stage"]
-        assert len(stage["prefill_samples_ms"]) == 2 * 3 and len(stage["decode_step_ms"]) == 2 * 4  # rounds x passes
+        assert len(stage["prefill_samples_ms"]) == 2 * 2 and len(stage["decode_step_ms"]) == 2 * 4  # rounds x passes
         assert {"quality", "params", "weight_bytes", "flops"} <= set(stage)
     assert [row["stage"] for row in saved["speed"]] == names
     int8, bf16 = history[-2:]
