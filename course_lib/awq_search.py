@@ -1,5 +1,5 @@
-"""autoawq 0.2.9's quantizer with two repairs for the CPU: a scale search whose every trial starts
-from the block's own weights, and a clipping search done as batched matmuls.
+"""autoawq 0.2.9's quantizer with three repairs for the CPU: a scale search whose every trial starts
+from the block's own weights, a leaner rounding, and a clipping search done as batched matmuls.
 
 ``course_lib.quantize`` passes ``quantizer_cls()`` to autoawq's ``quantize(quantizer_cls=...)``, the
 hook autoawq offers for this. Everything else (calibration capture, scale formula, packing) is
@@ -40,6 +40,25 @@ def quantizer_cls():
                                                    fp16_output, kwargs)
             finally:
                 del module2inspect.state_dict  # the class's method again
+
+        def pseudo_quantize_tensor(self, w: torch.Tensor):
+            """autoawq's zero-point rounding, the same operations in place and without its NaN checks.
+
+            The scale search rounds every linear of a block once per trial (20 trials): autoawq's
+            version, with three full passes to look for NaNs and a fresh tensor at every step, was a
+            third of AWQ's time on SmolLM2 (2 CPU cores). This one returns the same tensors to the
+            bit (tests/test_quantize.py) in under a third of the time (2.8 -> 0.8 ms, 1,536 x 576).
+            """
+            if not self.zero_point or self.group_size <= 0:
+                return super().pseudo_quantize_tensor(w)
+            rows = w.shape[0]
+            groups = w.reshape(-1, self.group_size)
+            top = 2**self.w_bit - 1
+            low = groups.amin(dim=1, keepdim=True)
+            scales = (groups.amax(dim=1, keepdim=True) - low).clamp_(min=1e-5).div_(top)
+            zeros = torch.round(low / scales).neg_().clamp_(0, top)
+            rounded = torch.round(groups / scales).add_(zeros).clamp_(0, top).sub_(zeros).mul_(scales)
+            return rounded.reshape(w.shape), scales.view(rows, -1), zeros.view(rows, -1)
 
         @torch.no_grad()
         def _compute_best_clip(self, w, input_feat, n_grid=20, max_shrink=0.5, n_sample_token=512):

@@ -35,15 +35,20 @@ def tokenized(tokenizer, split: Dataset) -> Dataset:
     return Dataset.from_dict({**encoded, "labels": list(split["label"])})
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=3)
+def split_rows(split: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """(texts, labels) of one split of the movie snippets, read once per process: reading the
+    splits verifies and parses the source file (a third of a second), which an iterative
+    schedule measuring accuracy and drawing calibration batches dozens of times would otherwise
+    pay every time."""
+    rows = load_sentiment()[split]
+    return tuple(rows["text"]), tuple(rows["label"])
+
+
 def _test_rows(limit: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
-    """(texts, labels) of the test split's first ``limit`` rows (all if 0), read once per process:
-    reading the split verifies and parses the source file (a third of a second), which an
-    iterative schedule measuring accuracy dozens of times would otherwise pay every time."""
-    test = load_sentiment()["test"]
-    if limit:
-        test = test.select(range(min(limit, len(test))))
-    return tuple(test["text"]), tuple(test["label"])
+    """(texts, labels) of the test split's first ``limit`` rows (all if 0)."""
+    texts, labels = split_rows("test")
+    return (texts[:limit], labels[:limit]) if limit else (texts, labels)
 
 
 def sentiment_accuracy(model, tokenizer, limit: int = 0, corpus: DatasetDict | None = None) -> float:

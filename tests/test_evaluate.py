@@ -1,5 +1,6 @@
 """Evaluation measures on constructed models and sequences where the answer is known."""
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -121,3 +122,33 @@ def test_latency_reports_median_and_spread(mode):
     assert torch.get_num_threads() == threads  # the thread setting is restored
     with pytest.raises(ValueError, match=r"mode must be one of \['decode', 'forward'\]"):
         latency(_tiny_llama(), mode="train")
+
+
+def _window_by_window(model, ids, context, stride):
+    """The definition, one window at a time with every logit: each token after the first scored once."""
+    nll, correct, count, scored_until = 0.0, 0, 0, 0
+    for start in range(0, ids.numel() - 1, stride):
+        window = ids[start:start + context]
+        logits = model(window[None]).logits[0, :-1]
+        new = max(scored_until, start + 1) - start - 1
+        nll += nn.functional.cross_entropy(logits[new:], window[new + 1:], reduction="sum").item()
+        correct += int((logits[new:].argmax(-1) == window[new + 1:]).sum())
+        count += window.numel() - 1 - new
+        scored_until = start + window.numel()
+        if scored_until == ids.numel():
+            break
+    return nll / count, correct / count
+
+
+@pytest.mark.parametrize("length", [97, 100])  # the last window short, then exactly full
+def test_batched_windows_and_kept_logits_score_what_one_window_at_a_time_does(length):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    ids = torch.randint(0, 61, (length,), generator=torch.Generator().manual_seed(1))
+    mean_nll, accuracy = _window_by_window(model, ids, context=16, stride=12)
+    scores = language_model_scores(model, ids, context=16, stride=12)
+    assert scores["perplexity"] == pytest.approx(math.exp(mean_nll), rel=1e-5)
+    assert scores["accuracy"] == accuracy

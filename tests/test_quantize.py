@@ -209,6 +209,24 @@ def test_clip_search_matches_autoawq_exactly(monkeypatch, zero_point):
     assert (got < weight.reshape(192, 4, 64).abs().amax(-1, keepdim=True)).any()  # some groups clipped
 
 
+@pytest.mark.parametrize("zero_point", [True, False])
+def test_lean_rounding_returns_what_autoawq_returns_to_the_bit(zero_point):
+    from awq.quantize.quantizer import AwqQuantizer
+
+    from course_lib import awq_search
+
+    cls = awq_search.quantizer_cls()
+    quantizer = cls.__new__(cls)
+    quantizer.group_size, quantizer.zero_point, quantizer.w_bit = 64, zero_point, 4
+    weight = torch.randn(96, 192, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.01, 5, 192)
+    weight[3, :64] = 0.25  # a constant group: its scale is the 1e-5 floor
+    weight[7, 64:128] *= 1e-7
+    expected = AwqQuantizer.pseudo_quantize_tensor(quantizer, weight.clone())
+    got = quantizer.pseudo_quantize_tensor(weight.clone())
+    assert all(e is g is None or torch.equal(e, g) for e, g in zip(expected, got))
+    assert got[0].unique().numel() > 16   # rounded per group, not to one grid
+
+
 def test_scale_search_starts_every_trial_from_the_original_weights():
     """autoawq's snapshot aliases the live weights on a CPU; the repaired search sees W at every trial, so
     its choice is the ratio whose rounded block really reproduces the outputs best (checked by brute force)."""

@@ -8,7 +8,7 @@ from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from course_lib.plan import PruningPlan
-from course_lib.recovery import RecoveryConfig, distillation_loss, fine_tune, hidden_state_loss
+from course_lib.recovery import RecoveryConfig, distillation_loss, fine_tune, hidden_state_loss, shortest_first
 from course_lib.surgery import apply_plan
 
 
@@ -225,3 +225,11 @@ def test_cpu_bf16_autocast_only_where_measured_faster(monkeypatch, bf16_seconds,
         assert recovery._cpu_bf16_faster() is expected
     finally:
         recovery._cpu_bf16_faster.cache_clear()
+
+
+def test_evaluation_rows_go_shortest_first_and_fixed_length_rows_stay_as_they_are():
+    varied = Dataset.from_dict({"input_ids": [[5, 6, 7], [5], [5, 6], [8]],
+                                "attention_mask": [[1, 1, 1], [1], [1, 1], [1]], "labels": [0, 1, 2, 3]})
+    assert shortest_first(varied)["labels"] == [1, 3, 2, 0]   # by length, ties kept in their order
+    packed = Dataset.from_dict({"input_ids": [[3, 1], [1, 2]], "labels": [[3, 1], [1, 2]]})
+    assert shortest_first(packed) is packed

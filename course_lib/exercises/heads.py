@@ -511,13 +511,11 @@ def sentiment_batches(tokenizer, split: str = "train", n: int = 64, batch_size: 
     (``split="validation"``). ``sort_by_length`` groups sentences of similar length so that
     batches carry little padding (faster evaluation; the set of sentences is the same).
     """
-    from ..data import load_sentiment
-    from ..sentiment import MAX_LENGTH
+    from ..sentiment import MAX_LENGTH, split_rows
 
-    rows = load_sentiment()[split]
-    end = len(rows) if n == 0 else min(start + n, len(rows))
-    rows = rows.select(range(start, end))
-    texts, labels = list(rows["text"]), list(rows["label"])
+    texts, labels = split_rows(split)
+    end = len(texts) if n == 0 else min(start + n, len(texts))
+    texts, labels = list(texts[start:end]), list(labels[start:end])
     if sort_by_length:
         lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=MAX_LENGTH)["input_ids"]]
         order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
