@@ -72,8 +72,13 @@ def _smollm2_recovered(profile: Profile, source: str, tokens: int) -> tuple:
     validation = causal_lm_dataset(tokenizer, prose["validation"]["text"], 256, limit=8)
     summary = fine_tune(model, train, validation, RecoveryConfig(tokens=tokens, learning_rate=3e-4, batch_size=4,
                                                                  evaluations=2, freeze_embeddings=True), progress=False)
-    plan = json.loads((directory / "recipe.json").read_text())["plan"]
-    return model, tokenizer, {**plan, "recovery": {k: summary[k] for k in ("tokens", "steps", "kept", "best_eval_loss")}}
+    return model, tokenizer, recovered_plan(directory, summary)
+
+
+def recovered_plan(source: Path, summary: dict) -> dict:
+    """The plan of the checkpoint in ``source`` with what recovery did (``fine_tune``'s ``summary``)."""
+    plan = json.loads((Path(source) / "recipe.json").read_text())["plan"]
+    return {**plan, "recovery": {k: summary[k] for k in ("tokens", "steps", "kept", "best_eval_loss")}}
 
 
 RECIPES: dict[str, Recipe] = {
@@ -92,15 +97,20 @@ def checkpoint_dir(name: str, profile: str | None = None) -> Path:
     return cache_dir() / "checkpoints" / f"{name}-{get_profile(profile).name}"
 
 
-def course_checkpoint(name: str, profile: str | None = None) -> Path:
-    """The directory of the course checkpoint ``name`` (see ``RECIPES``), built first if it is not there yet."""
+def course_checkpoint(name: str, profile: str | None = None, built: tuple | None = None) -> Path:
+    """The directory of the course checkpoint ``name`` (see ``RECIPES``), built first if it is not there yet.
+
+    ``built``: ``(model, tokenizer, plan)`` that the caller has just made by this very recipe, stored
+    instead of building it again when the checkpoint is missing. Notebook 06 runs the recovery
+    recipe in view and hands its result here, so that notebook 08 does not train the same model again.
+    """
     if name not in RECIPES:
         raise SettingError(f"checkpoint name={name!r} is unknown; choose one of {sorted(RECIPES)}")
     chosen = get_profile(profile)
     directory = checkpoint_dir(name, chosen.name)
     if not (directory / "recipe.json").exists():
         recipe = RECIPES[name]
-        model, tokenizer, plan = recipe.build(chosen)
+        model, tokenizer, plan = built if built is not None else recipe.build(chosen)
         with staged_directory(directory) as staged:
             model.save_pretrained(staged)
             tokenizer.save_pretrained(staged)

@@ -129,6 +129,17 @@ def test_course_checkpoint_is_built_once_and_loads_with_the_auto_class(tiny_reci
     assert checkpoints.course_checkpoint("tiny-layers-1", "ci") == directory and tiny_recipe == ["ci"]  # not rebuilt
 
 
+def test_a_model_built_in_view_is_stored_as_the_checkpoint_and_not_built_again(tiny_recipe, tmp_path):
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_dir(tmp_path))
+    directory = checkpoints.course_checkpoint("tiny-layers-1", "ci", built=(model, tokenizer, {"layers": [1]}))
+    assert tiny_recipe == []  # the recipe did not run
+    reloaded = AutoModelForCausalLM.from_pretrained(directory)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()))
+    assert json.loads((directory / "recipe.json").read_text())["plan"] == {"layers": [1]}
+
+
 def test_course_checkpoint_names_the_choices_and_leaves_nothing_when_the_build_fails(monkeypatch, tmp_path):
     monkeypatch.setenv("COURSE_CACHE", str(tmp_path))
     with pytest.raises(ValueError, match="name='nope' is unknown; choose one of .*minilm-heads-50"):
