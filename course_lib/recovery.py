@@ -27,7 +27,6 @@ import contextlib
 import functools
 import math
 import random
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ import torch
 from datasets import Dataset
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import (EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments,
+from transformers import (PrinterCallback, Trainer, TrainerCallback, TrainingArguments,
                           default_data_collator)
 
 from .errors import SettingError
@@ -272,30 +271,27 @@ def _rng_untouched():
             torch.cuda.set_rng_state_all(cuda)
 
 
-@contextlib.contextmanager
-def _checkpoint_dir(output_dir: str | None):
-    """Where the Trainer keeps checkpoints: ``output_dir``, else a scratch folder removed afterwards.
+class BestWeights(TrainerCallback):
+    """Early stopping on the validation loss, with the best evaluation's weights kept in memory.
 
-    Under several processes the scratch folder is made by rank 0 and its path sent to the
-    others: rank 0 writes the checkpoints and every rank loads the best one from the same place,
-    so all of them end with the same weights (on several machines, pass a shared ``output_dir``).
+    The Trainer's own way (``EarlyStoppingCallback`` with ``load_best_model_at_end``) writes a
+    checkpoint to disk at every evaluation and reads the best one back at the end: 90 MB an
+    evaluation for MiniLM, over 400 MB for a pruned SmolLM2, some eighty times in the course's
+    notebooks. A copy in memory does the same job. Every process of a multi-process run sees the
+    same validation loss and holds the same weights, so each keeps its own copy and all of them
+    end on the same weights. Stops after ``patience`` evaluations in a row without a lower loss.
     """
-    if output_dir is not None:
-        yield output_dir
-        return
-    dist = torch.distributed
-    shared = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    main = not shared or dist.get_rank() == 0
-    path = [tempfile.mkdtemp(prefix="course_lib-recovery-") if main else None]
-    if shared:
-        dist.broadcast_object_list(path, src=0)
-    try:
-        yield path[0]
-    finally:
-        if shared:
-            dist.barrier()  # nobody is still reading a checkpoint
-        if main:
-            shutil.rmtree(path[0], ignore_errors=True)
+
+    def __init__(self, patience: int):
+        self.patience, self.best, self.step, self.waited, self.weights = patience, math.inf, None, 0, None
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        if metrics["eval_loss"] < self.best:
+            self.best, self.step, self.waited = metrics["eval_loss"], state.global_step, 0
+            self.weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        else:
+            self.waited += 1
+            control.should_training_stop = self.waited >= self.patience
 
 
 FORWARD_ATTRIBUTES = ("forward", "_original_forward")  # what accelerate's mixed precision sets on a model
@@ -317,8 +313,7 @@ def _restore_forward(model: nn.Module, saved: dict) -> None:
 
 
 def fine_tune(model: nn.Module, train: Dataset, eval_set: Dataset, config: RecoveryConfig = RecoveryConfig(), *,
-              teacher: nn.Module | None = None, data_collator=None, output_dir: str | None = None,
-              progress: bool = True) -> dict:
+              teacher: nn.Module | None = None, data_collator=None, progress: bool = True) -> dict:
     """Fine-tune ``model`` in place on tokenised ``train``, choosing weights on ``eval_set``.
 
     The same recipe trains the task baseline and recovers a pruned model. ``train`` /
@@ -335,15 +330,13 @@ def fine_tune(model: nn.Module, train: Dataset, eval_set: Dataset, config: Recov
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bf16 = bf16_supported(device) if config.bf16 is None else config.bf16
     args = TrainingArguments(
-        output_dir=output_dir or "unused", max_steps=steps, learning_rate=config.learning_rate,
+        output_dir="unused", max_steps=steps, learning_rate=config.learning_rate,
         per_device_train_batch_size=1, per_device_eval_batch_size=config.batch_size,
         # Warm-up in whole steps, rounded down: the Trainer rounds a ratio up, and its first warm-up
         # step runs at learning rate 0, so a 1-step budget (a round of an iterative schedule) or 1 of 4
         # steps would be spent without training.
         lr_scheduler_type="cosine", warmup_steps=int(config.warmup * steps), weight_decay=config.weight_decay,
-        eval_strategy="steps", eval_steps=steps // config.evaluations, save_strategy="steps",
-        save_steps=steps // config.evaluations, load_best_model_at_end=True, metric_for_best_model="eval_loss",
-        greater_is_better=False, save_total_limit=1, save_only_model=True, logging_steps=1,
+        eval_strategy="steps", eval_steps=steps // config.evaluations, save_strategy="no", logging_steps=1,
         report_to="none", seed=config.seed, disable_tqdm=True, use_cpu=device == "cpu", bf16=bf16,
     )
     if config.batch_size % args.world_size:
@@ -361,11 +354,10 @@ def fine_tune(model: nn.Module, train: Dataset, eval_set: Dataset, config: Recov
 
             trained = get_peft_model(model, LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank,
                                                        target_modules=targets, lora_dropout=0.0))
-        with _checkpoint_dir(output_dir) as checkpoints:
-            args.output_dir = checkpoints
+        with tempfile.TemporaryDirectory(prefix="course_lib-recovery-") as scratch:  # the Trainer's output_dir: unused
+            args.output_dir = scratch
             kwargs = dict(model=trained, args=args, train_dataset=train, eval_dataset=shortest_first(eval_set),
-                          data_collator=data_collator or default_data_collator,
-                          callbacks=[EarlyStoppingCallback(early_stopping_patience=config.patience)])
+                          data_collator=data_collator or default_data_collator)
             trainer = (DistillationTrainer(**kwargs, teacher=teacher, alpha=config.distill_alpha,
                                            temperature=config.temperature, hidden_weight=config.hidden_weight)
                        if teacher is not None else Trainer(**kwargs))
@@ -374,9 +366,16 @@ def fine_tune(model: nn.Module, train: Dataset, eval_set: Dataset, config: Recov
                 trainer.add_callback(TokenProgress(steps * per_step, per_step))
             with _rng_untouched():  # so that training draws exactly what it would without this evaluation
                 initial = trainer.evaluate()["eval_loss"]
+            # The evaluation prepared the model for inference and accelerate marked it prepared, so that
+            # training would take it as it is, outside DistributedDataParallel: under several processes
+            # each one trained alone on its share of every batch (transformers 5.17, accelerate 1.15).
+            trained.__dict__.pop("_is_accelerate_prepared", None)
+            kept_weights = BestWeights(config.patience)  # added after the evaluation above: it judges training's own
+            trainer.add_callback(kept_weights)
             start = time.perf_counter()
             trainer.train()
             seconds = time.perf_counter() - start
+        trained.load_state_dict(kept_weights.weights)
         if targets:
             trained.merge_and_unload()
     except BaseException:  # a failed or interrupted run hands back the model it was given, untouched
@@ -389,8 +388,7 @@ def fine_tune(model: nn.Module, train: Dataset, eval_set: Dataset, config: Recov
             frozen.requires_grad_(True)
         _restore_forward(model, own_forward)
     history = trainer.state.log_history
-    best = min(h["eval_loss"] for h in history if "eval_loss" in h)  # train() starts a fresh log: no step 0
-    kept = f"best checkpoint (step {trainer.state.best_global_step})"
+    best, kept = kept_weights.best, f"best checkpoint (step {kept_weights.step})"
     if best >= initial:  # training never beat the weights it started from: hand those back
         model.load_state_dict(before)
         best, kept = initial, "the weights before training (no evaluation improved on them)"
