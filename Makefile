@@ -3,9 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# --no-compile: pip byte-compiles every file it installs (a minute and a half for these pins on 2 cores,
-# against 50 s without); Python compiles what it imports, once, on first use.
-INSTALL := $(PY) -m pip --disable-pip-version-check -q install --no-compile
+PIP := $(PY) -m pip --disable-pip-version-check -q
 INSTALLED := $(VENV)/.installed
 BROWSER_INSTALLED := $(VENV)/.browser-installed
 CHROMIUM := /usr/bin/chromium
@@ -15,10 +13,10 @@ APT_CHROMIUM := DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
 
 $(INSTALLED): requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(INSTALL) torch==2.13.0
-	$(INSTALL) -r requirements.txt
-	$(INSTALL) --no-deps -r requirements-nodeps.txt
-	$(INSTALL) --no-deps --no-build-isolation -e .
+	$(PIP) install torch==2.13.0
+	$(PIP) install -r requirements.txt
+	$(PIP) install --no-deps -r requirements-nodeps.txt
+	$(PIP) install --no-deps --no-build-isolation -e .
 	touch $@
 
 setup: $(INSTALLED)
@@ -30,7 +28,7 @@ demo: fetch
 	$(PY) -m course_lib demo
 
 $(BROWSER_INSTALLED): requirements-browser.txt $(INSTALLED)
-	$(INSTALL) -r requirements-browser.txt
+	$(PIP) install -r requirements-browser.txt
 	touch $@
 
 # What tests/test_browser_widgets.py drives: Playwright (pinned) and Debian's chromium, installed
@@ -53,7 +51,7 @@ test: fetch browser
 
 # Baselines the benchmarks compare against, kept out of the course's own environment pins.
 bench-extras: setup
-	$(INSTALL) --no-deps -r benchmarks/requirements-extras.txt
+	$(PIP) install --no-deps -r benchmarks/requirements-extras.txt
 
 clean-cache:
 	rm -rf data/cache
