@@ -1,14 +1,17 @@
 """Recovery fine-tuning through the HF Trainer on tiny models: the loss goes down."""
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 from datasets import Dataset
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, TrainerControl
 
 from course_lib.plan import PruningPlan
-from course_lib.recovery import RecoveryConfig, distillation_loss, fine_tune, hidden_state_loss, shortest_first
+from course_lib.recovery import (BestWeights, RecoveryConfig, distillation_loss, fine_tune, hidden_state_loss,
+                                 shortest_first)
 from course_lib.surgery import apply_plan
 
 
@@ -233,3 +236,14 @@ def test_evaluation_rows_go_shortest_first_and_fixed_length_rows_stay_as_they_ar
     assert shortest_first(varied)["labels"] == [1, 3, 2, 0]   # by length, ties kept in their order
     packed = Dataset.from_dict({"input_ids": [[3, 1], [1, 2]], "labels": [[3, 1], [1, 2]]})
     assert shortest_first(packed) is packed
+
+
+def test_best_weights_keeps_the_lowest_evaluation_and_stops_after_patience():
+    layer, kept, control = nn.Linear(2, 2), BestWeights(patience=2), TrainerControl()
+    for step, loss in enumerate([3.0, 2.0, 2.0, 2.5], start=1):  # the best at step 2; a tie does not count
+        with torch.no_grad():
+            layer.weight.fill_(step)
+        kept.on_evaluate(None, SimpleNamespace(global_step=step), control, metrics={"eval_loss": loss}, model=layer)
+        assert control.should_training_stop == (step == 4)
+    assert (kept.best, kept.step) == (2.0, 2)
+    assert torch.equal(kept.weights["weight"], torch.full((2, 2), 2.0))  # a copy, not the live tensor
