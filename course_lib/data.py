@@ -42,6 +42,8 @@ import mwparserfromhell
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from mwparserfromhell.nodes import Wikilink
+from safetensors import safe_open
+from safetensors.torch import save
 
 from .errors import SettingError
 from .downloads import Artifact, CacheError, cached, fetch, sha256_of, verify
@@ -429,6 +431,31 @@ def prose_text(split: str = "test", separator: str = "\n\n", corpus: DatasetDict
     return separator.join((load_prose() if corpus is None else corpus)[split]["text"])
 
 
+def token_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.LongTensor:
+    """``text`` tokenized without special tokens, as one LongTensor; kept in the cache for fast tokenizers.
+
+    Calibration cuts a few windows out of the whole calibration split, which has to be tokenized
+    first: half a million tokens, about 2 s on a CPU core, in every notebook, test and run that
+    calibrates. The cache key is a hash of everything the result depends on (the tokenizer's full
+    serialisation, its special-token splitting, the text), so another tokenizer or another text
+    never reuses it; the file holds a hash of its ids, checked on every read.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow (Python) tokenizer: no serialisation to key the cache on
+        return torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
+    key = hashlib.sha256(backend.to_str().encode())
+    key.update(repr(getattr(tokenizer, "split_special_tokens", False)).encode() + b"\0" + text.encode())
+    path = cache_dir() / "tokens" / f"{key.hexdigest()[:32]}.safetensors"
+    if path.exists():
+        with safe_open(path, "pt") as stored:
+            ids, expected = stored.get_tensor("input_ids"), stored.metadata().get("sha256")
+        if hashlib.sha256(ids.numpy().tobytes()).hexdigest() == expected:
+            return ids
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
+    atomic_write(path, save({"input_ids": ids}, metadata={"sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest()}))
+    return ids
+
+
 def calibration_batches(
     tokenizer: PreTrainedTokenizerBase,
     n_samples: int,
@@ -448,10 +475,7 @@ def calibration_batches(
         raise SettingError(f"n_samples must be at least 1, got n_samples={n_samples}")
     if n_tokens < 2:
         raise SettingError(f"n_tokens must be at least 2, got n_tokens={n_tokens}")
-    text = prose_text(split, separator=tokenizer.eos_token or "\n\n", corpus=corpus)
-    ids = torch.tensor(
-        tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long
-    )
+    ids = token_ids(tokenizer, prose_text(split, separator=tokenizer.eos_token or "\n\n", corpus=corpus))
     if len(ids) < n_tokens:
         raise SettingError(
             f"n_tokens={n_tokens} is more than the {len(ids)} tokens of the {split!r} split"

@@ -249,6 +249,26 @@ def test_calibration_batches_join_articles_with_eos(tiny_bpe, real_cache):
         data.calibration_batches(tiny_bpe, 1, n_total + 1, split="test")
 
 
+def test_token_ids_are_cached_per_tokenizer_and_text_and_a_damaged_file_is_redone(tiny_bpe, minilm, tmp_path,
+                                                                                    monkeypatch):
+    monkeypatch.setenv("COURSE_CACHE", str(tmp_path))
+    text = "Anarchism is a political philosophy.<|endoftext|>Of the state."
+    fresh = torch.tensor(tiny_bpe(text, add_special_tokens=False)["input_ids"])
+    assert torch.equal(data.token_ids(tiny_bpe, text), fresh)
+    files = list((tmp_path / "tokens").iterdir())
+    assert len(files) == 1
+    calls = []
+    monkeypatch.setattr(type(tiny_bpe), "__call__", lambda *args, **kwargs: calls.append(args) or {"input_ids": [7]})
+    assert torch.equal(data.token_ids(tiny_bpe, text), fresh) and not calls   # read back, not tokenized again
+    assert data.token_ids(tiny_bpe, text + " More.").tolist() == [7] and len(calls) == 1   # another text: its own entry
+    assert data.token_ids(minilm, text).tolist() == [7] and len(calls) == 2   # another tokenizer: its own entry
+    assert len(list((tmp_path / "tokens").iterdir())) == 3
+    raw = bytearray(files[0].read_bytes())
+    raw[-1] ^= 0x01   # one bit of the last id
+    files[0].write_bytes(bytes(raw))
+    assert data.token_ids(tiny_bpe, text).tolist() == [7]   # the damaged file fails its hash and is tokenized anew
+
+
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [

@@ -7,11 +7,12 @@ import pytest
 import torch
 from torch import nn
 from datasets import Dataset
-from transformers import LlamaConfig, LlamaForCausalLM, TrainerControl
+from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, TrainerControl,
+                          TrainingArguments)
 
 from course_lib.plan import PruningPlan
-from course_lib.recovery import (BestWeights, RecoveryConfig, distillation_loss, fine_tune, hidden_state_loss,
-                                 shortest_first)
+from course_lib.recovery import (BestWeights, DistillationTrainer, RecoveryConfig, RecoveryTrainer, distillation_loss,
+                                 fine_tune, hidden_state_loss, length_sorted_parts, shortest_first)
 from course_lib.surgery import apply_plan
 
 
@@ -247,3 +248,58 @@ def test_best_weights_keeps_the_lowest_evaluation_and_stops_after_patience():
         assert control.should_training_stop == (step == 4)
     assert (kept.best, kept.step) == (2.0, 2)
     assert torch.equal(kept.weights["weight"], torch.full((2, 2), 2.0))  # a copy, not the live tensor
+
+
+def test_a_padded_batch_splits_into_length_sorted_parts_cut_to_their_own_columns():
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 0, 0]])
+    batch = {"input_ids": torch.arange(16).reshape(4, 4) * mask, "attention_mask": mask, "labels": torch.tensor([0, 1, 2, 3])}
+    short, long = length_sorted_parts(batch)
+    assert short["labels"].tolist() == [1, 3] and long["labels"].tolist() == [2, 0]
+    assert short["input_ids"].tolist() == [[4, 0], [12, 13]] and long["attention_mask"].shape == (2, 4)
+    left = {**batch, "attention_mask": mask.flip(1), "input_ids": batch["input_ids"].flip(1)}
+    assert length_sorted_parts(left)[0]["input_ids"].tolist() == [[0, 4], [13, 12]]   # left padding: the left columns go
+    assert length_sorted_parts({**batch, "attention_mask": torch.ones(4, 4, dtype=torch.long)}) is None  # nothing to cut
+    assert length_sorted_parts({**batch, "labels": batch["input_ids"]}) is None   # labels per token: a mean over tokens
+
+
+def _classifier_batch():
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=24,
+                        max_position_embeddings=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    lengths = torch.tensor([3, 12, 5, 9, 2, 7, 4])   # parts of 4 and 3 rows: their shares differ
+    mask = (torch.arange(12) < lengths[:, None]).long()
+    ids = torch.randint(1, 64, (7, 12), generator=torch.Generator().manual_seed(1)) * mask
+    return BertForSequenceClassification(config), {"input_ids": ids, "attention_mask": mask,
+                                                    "labels": torch.tensor([0, 1, 2, 1, 0, 2, 1])}
+
+
+@pytest.mark.parametrize("distill", [False, True])
+def test_training_on_length_sorted_parts_gives_the_whole_batchs_loss_and_gradient(distill, tmp_path):
+    model, batch = _classifier_batch()
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    trainer = (DistillationTrainer(model=model, args=args, teacher=copy.deepcopy(model), alpha=0.5, temperature=2.0)
+               if distill else RecoveryTrainer(model=model, args=args))
+    widths = []
+    model.bert.embeddings.register_forward_hook(lambda module, inputs, output: widths.append(output.shape[:2]))
+    loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    assert widths == [(4, 5), (3, 12)]   # two forward passes on rows of similar length, not one of 7 x 12
+    trainer.splits_rows = False   # the whole padded batch at once, as the plain Trainer runs it
+    whole = trainer.compute_loss(model, batch)
+    whole.backward()
+    assert widths[-1] == (7, 12)
+    assert torch.allclose(loss, whole, atol=1e-6)
+    assert all(torch.allclose(g, p.grad, atol=1e-6) for g, p in zip(grads, model.parameters()))
+
+
+def test_the_hidden_state_loss_is_not_split_into_parts(tmp_path):
+    model, batch = _classifier_batch()
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    trainer = DistillationTrainer(model=model, args=args, teacher=copy.deepcopy(model), alpha=0.5, temperature=2.0,
+                                  hidden_weight=1.0)   # a ratio of sums over the whole batch's tokens
+    widths = []
+    model.bert.embeddings.register_forward_hook(lambda module, inputs, output: widths.append(output.shape[:2]))
+    trainer.compute_loss(model, batch)
+    assert widths == [(7, 12)]   # the student's one pass on the whole batch (the teacher's is not hooked)
