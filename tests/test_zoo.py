@@ -147,3 +147,25 @@ def test_crashed_conversion_leaves_nothing_behind(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(KeyboardInterrupt):
         zoo.prepare_decoder("smollm2-135m")
     assert list((tmp_path / "models").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_lean_gguf_parsing_reads_the_same_fields_and_tensors_and_puts_gguf_back():
+    import gguf
+    import numpy as np
+    from gguf import GGUFReader, gguf_reader
+
+    path = zoo.wheel_file(zoo.DECODERS["smollm2-135m"])
+    numpy, name_map = gguf_reader.np, gguf.get_tensor_name_map
+    mapped = GGUFReader(path)
+    with zoo._lean_gguf_parsing():
+        lean = GGUFReader(path)
+        assert not isinstance(lean.data, np.memmap)   # the file's bytes, read into memory
+        first = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 30)
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 30) is first   # built once
+    assert gguf_reader.np is numpy and gguf.get_tensor_name_map is name_map
+    assert list(lean.fields) == list(mapped.fields)
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "llama.block_count"):
+        assert lean.fields[key].contents() == mapped.fields[key].contents()
+    assert [t.name for t in lean.tensors] == [t.name for t in mapped.tensors]
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(lean.tensors[:8], mapped.tensors[:8]))
