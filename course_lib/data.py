@@ -440,19 +440,25 @@ def token_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.LongTensor
     serialisation, its special-token splitting, the text), so another tokenizer or another text
     never reuses it; the file holds a hash of its ids, checked on every read.
     """
+    def tokenize() -> torch.LongTensor:
+        return torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
+
+    def digest(ids: torch.Tensor) -> str:
+        return hashlib.sha256(ids.numpy().tobytes()).hexdigest()
+
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:  # a slow (Python) tokenizer: no serialisation to key the cache on
-        return torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
+        return tokenize()
     key = hashlib.sha256(backend.to_str().encode())
     key.update(repr(getattr(tokenizer, "split_special_tokens", False)).encode() + b"\0" + text.encode())
     path = cache_dir() / "tokens" / f"{key.hexdigest()[:32]}.safetensors"
     if path.exists():
         with safe_open(path, "pt") as stored:
             ids, expected = stored.get_tensor("input_ids"), stored.metadata().get("sha256")
-        if hashlib.sha256(ids.numpy().tobytes()).hexdigest() == expected:
+        if digest(ids) == expected:
             return ids
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
-    atomic_write(path, save({"input_ids": ids}, metadata={"sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest()}))
+    ids = tokenize()
+    atomic_write(path, save({"input_ids": ids}, metadata={"sha256": digest(ids)}))
     return ids
 
 
