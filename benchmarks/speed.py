@@ -14,7 +14,10 @@ falls on all alike:
   (``course_lib.quantize.int4`` with ``calib=None``, the round-to-nearest grid: speed does not
   depend on the grid); for comparison torchao's own CPU int4 (``PrototypeInt4WeightOnlyConfig``,
   the same aten kernel, on the block linears only: its LM head stays bf16) and torchao's int8
-  dynamic-activation path (fp32), which the course used before.
+  dynamic-activation path (fp32), which the course used before; the same INT4 model on ONNX
+  Runtime (``course_lib.onnx_decoder``: int8 activations times int4 weights in integer
+  arithmetic), and the fp32 combined model on ONNX Runtime, which tells how much of that path's
+  speed is the runtime and how much the bits.
 
 Structure is what matters for speed, not which units go, so the variants remove fixed indices
 (the weights stay the embedded pretrained ones). Prefill: 1 x ``--seq`` tokens, ideal = FLOP
@@ -51,6 +54,7 @@ import torch  # noqa: E402
 import course_lib.pruned_modeling  # noqa: E402,F401  (registers the pruned model types)
 from course_lib import quantize, timing, zoo  # noqa: E402
 from course_lib.evaluate import forward_flops, storage_bytes  # noqa: E402
+from course_lib.onnx_decoder import OrtDecoder  # noqa: E402
 from course_lib.plan import PruningPlan  # noqa: E402
 from course_lib.pruned_modeling import adapter_for  # noqa: E402
 from course_lib.surgery import apply_plan  # noqa: E402
@@ -108,8 +112,11 @@ def _block_linear_filter(model):
 
 LOW_BIT = {"bf16": quantize.bf16, "int8 weight-only": quantize.int8,
            "int4 CPU kernel": lambda m: quantize.int4(m, None, group_size=64),
+           "int4 onnxruntime": lambda m: OrtDecoder(quantize.int4(m, None, group_size=64)),
+           "fp32 onnxruntime": OrtDecoder,
            "torchao int4 (same kernel)": torchao_int4, "torchao int8 dynamic": torchao_int8_dynamic}
-DECODER_ONLY = {"int4 CPU kernel", "torchao int4 (same kernel)"}  # INT4 needs widths in groups of 64 (MiniLM: 384 ok)
+# INT4 needs widths in groups of 64 (MiniLM: 384 ok); onnx_decoder writes decoders only
+DECODER_ONLY = {"int4 CPU kernel", "int4 onnxruntime", "fp32 onnxruntime", "torchao int4 (same kernel)"}
 
 
 def variants(model, decoder: bool) -> dict:

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from .errors import CourseError, SettingError
-from . import importance, lowbit, selection, timing
+from . import importance, lowbit, onnx_decoder, selection, timing
 from .budget import block_parameters, check_budget, plan_for_budget
 from .evaluate import count_parameters, forward_flops, storage_bytes
 from .paths import staged_directory
@@ -471,6 +471,10 @@ QUANTIZED_NOTES = {
 }
 
 
+ONNX_INT4 = "int4 (onnxruntime, AWQ grid)"
+ONNX_INT4_NOTE = ("the int4 checkpoint in `int4/` run by ONNX Runtime (`course_lib.onnx_decoder`): int8 activations "
+                  "times int4 weights in integer arithmetic (MatMulNBits), the LM head in INT8; on a CPU only")
+
 CPU_KERNELS = ("int4", "int8")  # lowbit's layers run on PyTorch's CPU kernels only
 
 
@@ -505,6 +509,9 @@ def _quantized(model: nn.Module, task, config: PruningConfig, calib, out: Path, 
         timed = name not in CPU_KERNELS if device.type != "cpu" else name != "awq"
         stages.append(_measure(QUANTIZED_NAMES[name], quantized, task, config, models, flops, timed=timed,
                                changes_later=False, note=QUANTIZED_NOTES[name]))
+        if name == "int4" and device.type == "cpu" and not onnx_decoder.unsupported(quantized):
+            stages.append(_measure(ONNX_INT4, onnx_decoder.OrtDecoder(quantized), task, config, models, flops, changes_later=False,
+                                   note=ONNX_INT4_NOTE))
     return stages
 
 

@@ -9,7 +9,8 @@ What each is for (``--quantize`` in the CLI):
 
 * ``int4``: AWQ's search (autoawq 0.2.9, repaired for the CPU in ``awq_search``) picks the scales
   and the integer grid; the integers then run on PyTorch's CPU int4 kernel (``lowbit.Int4Linear``)
-  in bf16, with the LM head in INT8. The fast CPU path.
+  in bf16, with the LM head in INT8. ``onnx_decoder.OrtDecoder`` runs the same integers on ONNX
+  Runtime's int4 x int8 kernel, the fast path on CPUs without fast bf16 arithmetic.
 * ``awq``: the same search, packed by autoawq as a checkpoint for its CUDA kernels. On a CPU its
   ``WQLinear_GEMM`` layers dequantise every weight on every call: a quality check, not a speed path.
 * ``int8``: every block linear and the LM head as weight-only INT8 (``lowbit.Int8Linear``), bf16.

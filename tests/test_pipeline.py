@@ -182,15 +182,17 @@ def test_decoder_pipeline_quantizes_with_awq_and_rtn(tmp_path):
     config = PruningConfig(model="tiny", neuron_fraction=0.25, protect_first=0, protect_last=0, recovery_tokens=0,
                            quantize=("int4", "awq", "rtn"), latency_seq=16, decode_tokens=4, timing_rounds=2)
     history = run(config, tmp_path, progress=False, task=TinyAwqDecoderTask())
-    assert [s.stage for s in history] == ["dense", "pruned", "int4 (CPU kernel, AWQ grid)", "AWQ int4 (autoawq)",
-                                          "RTN int4 (simulated)"]
-    pruned, int4, awq, rtn = history[1:]
+    assert [s.stage for s in history] == ["dense", "pruned", "int4 (CPU kernel, AWQ grid)",
+                                          "int4 (onnxruntime, AWQ grid)", "AWQ int4 (autoawq)", "RTN int4 (simulated)"]
+    pruned, int4, onnx_int4, awq, rtn = history[1:]
     assert int4.params == awq.params == rtn.params == pruned.params  # packed weights counted as what they stand for
     assert int4.weight_bytes < pruned.weight_bytes and awq.weight_bytes < pruned.weight_bytes == rtn.weight_bytes
     assert abs(awq.quality - pruned.quality) < 0.1 * pruned.quality  # an untrained model: near uniform either way
     assert abs(int4.quality - awq.quality) < 0.02 * awq.quality  # one grid, two kernels
     assert awq.prefill_ms is None and awq.decode_tokens_per_s is None  # no autoawq kernel on a CPU: not timed
     assert int4.prefill_ms > 0 and int4.decode_tokens_per_s > 0
+    assert onnx_int4.prefill_ms > 0 and onnx_int4.decode_tokens_per_s > 0  # the int4 checkpoint on onnxruntime
+    assert onnx_int4.params == int4.params and abs(onnx_int4.quality - int4.quality) < 0.02 * int4.quality
     loaded = load_awq(tmp_path / "awq")  # the stages were measured on these reloaded checkpoints
     assert TinyAwqDecoderTask().quality(loaded) == awq.quality
     assert TinyAwqDecoderTask().quality(lowbit.load(tmp_path / "int4")) == int4.quality
