@@ -158,7 +158,8 @@ def unsupported(model: nn.Module) -> str | None:
     """Why ``build`` cannot write ``model`` (a sentence), or None when it can."""
     config = model.config
     if adapter_for(model).name != "llama":
-        return f"onnx_decoder writes Llama-family decoders (Llama, SmolLM2, Mistral), not the {adapter_for(model).name} family"
+        return (f"onnx_decoder writes Llama-family decoders (Llama, SmolLM2, Mistral), not the "
+                f"{adapter_for(model).name} family")
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         return f"onnx_decoder writes the default rotary embedding, not rope_type={rope['rope_type']!r}"
@@ -190,26 +191,31 @@ def build(model: nn.Module, activations: int = INT8_ACTIVATIONS):
     float32, head_dim = onnx.TensorProto.FLOAT, adapter.head_dim(model)
     theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", getattr(config, "rope_theta", 10000.0))
     angles = np.arange(MAX_POSITIONS)[:, None] / theta ** (np.arange(0, head_dim, 2) / head_dim)[None]
-    cos, sin = g.weight("rotary.cos", np.cos(angles).astype(np.float32)), g.weight("rotary.sin", np.sin(angles).astype(np.float32))
+    cos = g.weight("rotary.cos", np.cos(angles).astype(np.float32))
+    sin = g.weight("rotary.sin", np.sin(angles).astype(np.float32))
     value = onnx.helper.make_tensor_value_info
     inputs = [value("input_ids", onnx.TensorProto.INT64, ["batch", "seq"]),
-              value("seqlens_k", onnx.TensorProto.INT32, ["batch"]), value("total_sequence_length", onnx.TensorProto.INT32, [])]
+              value("seqlens_k", onnx.TensorProto.INT32, ["batch"]),
+              value("total_sequence_length", onnx.TensorProto.INT32, [])]
     outputs = [value("logits", float32, ["batch", "seq", config.vocab_size])]
     h = _embedding(g, model.get_input_embeddings())
     for i, block in enumerate(adapter.blocks(model)):
         p, heads, kv_heads = f"layers.{i}", adapter.num_heads(block), adapter.num_kv_heads(block)
         cache = [f"past_key.{i}", f"past_value.{i}"]
         inputs += [value(name, float32, ["batch", kv_heads, "past", head_dim]) for name in cache]
-        outputs += [value(f"present_{kind}.{i}", float32, ["batch", kv_heads, "total", head_dim]) for kind in ("key", "value")]
+        outputs += [value(f"present_{kind}.{i}", float32, ["batch", kv_heads, "total", head_dim])
+                    for kind in ("key", "value")]
         x = _rms_norm(g, h, block.input_layernorm, p + ".input_layernorm")
         qkv = [_linear(g, x, proj, f"{p}.{name}", activations) for name, proj in zip("qkv", adapter.qkv(block))]
         attention = g.node("GroupQueryAttention", [*qkv, *cache, "seqlens_k", "total_sequence_length", cos, sin],
                            [p + ".attention", f"present_key.{i}", f"present_value.{i}"], domain="com.microsoft",
                            num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0,
                            scale=float(block.self_attn.scaling))
-        h = g.node("Add", [h, _linear(g, attention, adapter.o_proj(block), p + ".o", activations)], p + ".attention_out")
+        o = _linear(g, attention, adapter.o_proj(block), p + ".o", activations)
+        h = g.node("Add", [h, o], p + ".attention_out")
         x = _rms_norm(g, h, block.post_attention_layernorm, p + ".post_attention_layernorm")
-        gate, up = (_linear(g, x, proj, f"{p}.{name}", activations) for name, proj in zip(("gate", "up"), adapter.mlp_in(block)))
+        gate, up = (_linear(g, x, proj, f"{p}.{name}", activations)
+                    for name, proj in zip(("gate", "up"), adapter.mlp_in(block)))
         silu = g.node("Mul", [gate, g.node("Sigmoid", [gate], p + ".sigmoid")], p + ".silu")
         down = _linear(g, g.node("Mul", [silu, up], p + ".gated"), adapter.mlp_out(block), p + ".down", activations)
         h = g.node("Add", [h, down], p + ".out")
