@@ -120,6 +120,13 @@ class Int4Linear(nn.Module):
         flat[_kernel_order(self.out_features, self.in_features)] = _nibbles(self.qweight)
         return flat.reshape(self.out_features, self.in_features)
 
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``from_grid``'s arguments back: ``(levels, scales, zeros)``, scales in fp32 (as stored, bf16-rounded)
+        and the integer zero points recovered from the stored offsets, ``zero = 8 - offset / scale``."""
+        scale_offset = self.scales_and_zeros.float()  # [groups, out, (scale, offset)]
+        scales = scale_offset[..., 0].t()
+        return self.levels(), scales, torch.round(8 - scale_offset[..., 1].t() / scales).clamp(0, 15)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.qweight, self.group_size, self.scales_and_zeros)

@@ -48,7 +48,7 @@ def _onnx():
 
 
 class _Graph:
-    """Nodes, weights (initializers) and unique names of the graph being written."""
+    """Nodes and weights (initializers) of the graph being written; callers name every value."""
 
     def __init__(self, onnx):
         self.onnx, self.helper, self.numpy_helper = onnx, onnx.helper, onnx.numpy_helper
@@ -109,12 +109,8 @@ def _nbits(g: _Graph, x: str, name: str, levels: torch.Tensor, scales: torch.Ten
 
 
 def _int4_linear(g: _Graph, x: str, layer: lowbit.Int4Linear, name: str, activations: int) -> str:
-    if layer.group_size < 16 or layer.group_size & (layer.group_size - 1):
-        raise SettingError(f"{name}: group_size={layer.group_size} is not a power of two >= 16, which MatMulNBits needs")
-    scale_offset = layer.scales_and_zeros.float()  # [groups, out, (scale, offset)], offset = (8 - zero) * scale
-    scales = scale_offset[..., 0].t()
-    zeros = torch.round(8 - scale_offset[..., 1].t() / scales).clamp(0, 15)
-    return _nbits(g, x, name, layer.levels(), scales, zeros, 4, layer.bias, activations)
+    # lowbit.INT4_GROUP_SIZES (32 .. 256, powers of two) are all block sizes MatMulNBits takes
+    return _nbits(g, x, name, *layer.grid(), 4, layer.bias, activations)
 
 
 def _int8_linear(g: _Graph, x: str, layer: lowbit.Int8Linear, name: str, activations: int) -> str:
@@ -156,10 +152,9 @@ def _rms_norm(g: _Graph, x: str, norm: nn.Module, name: str) -> str:
 
 def unsupported(model: nn.Module) -> str | None:
     """Why ``build`` cannot write ``model`` (a sentence), or None when it can."""
-    config = model.config
-    if adapter_for(model).name != "llama":
-        return (f"onnx_decoder writes Llama-family decoders (Llama, SmolLM2, Mistral), not the "
-                f"{adapter_for(model).name} family")
+    config, family = model.config, adapter_for(model).name
+    if family != "llama":
+        return f"onnx_decoder writes Llama-family decoders (Llama, SmolLM2, Mistral), not the {family} family"
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         return f"onnx_decoder writes the default rotary embedding, not rope_type={rope['rope_type']!r}"

@@ -510,8 +510,8 @@ def _quantized(model: nn.Module, task, config: PruningConfig, calib, out: Path, 
         stages.append(_measure(QUANTIZED_NAMES[name], quantized, task, config, models, flops, timed=timed,
                                changes_later=False, note=QUANTIZED_NOTES[name]))
         if name == "int4" and device.type == "cpu" and not onnx_decoder.unsupported(quantized):
-            stages.append(_measure(ONNX_INT4, onnx_decoder.OrtDecoder(quantized), task, config, models, flops, changes_later=False,
-                                   note=ONNX_INT4_NOTE))
+            stages.append(_measure(ONNX_INT4, onnx_decoder.OrtDecoder(quantized), task, config, models, flops,
+                                   changes_later=False, note=ONNX_INT4_NOTE))
     return stages
 
 

@@ -24,6 +24,9 @@ def test_int4_levels_survive_the_kernels_packed_layout(rows, cols):
     scales, zeros = torch.rand(rows, cols // 32) + 0.1, torch.randint(0, 16, (rows, cols // 32)).float()
     layer = lowbit.Int4Linear.from_grid(levels, scales, zeros)
     assert torch.equal(layer.levels(), levels.to(torch.uint8))
+    back_levels, back_scales, back_zeros = layer.grid()  # from_grid's arguments, scales rounded to bf16
+    assert torch.equal(back_levels, layer.levels()) and torch.equal(back_zeros, zeros)
+    assert torch.equal(back_scales, scales.to(torch.bfloat16).float())
     plain = layer.state_dict()["qweight"]  # the checkpoint's form: two values per byte, low nibble first
     assert plain.shape == (rows, cols // 2)
     assert torch.equal(plain & 15, levels[:, 0::2].to(torch.uint8))
