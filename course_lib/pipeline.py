@@ -483,7 +483,8 @@ def _quantized(model: nn.Module, task, config: PruningConfig, calib, out: Path, 
 
     Each is measured as a user will load it, from the checkpoint just written. On a GPU the CPU
     formats are built, saved and scored on the CPU but not timed (the others are timed on the GPU);
-    on a CPU AWQ's checkpoint is not timed (autoawq has no CPU kernel).
+    on a CPU AWQ's checkpoint is not timed (autoawq has no CPU kernel), and the int4 checkpoint runs
+    on ONNX Runtime too, as a stage of its own, or its note says why ``onnx_decoder`` cannot write it.
     """
     from .quantize import awq_int4, awq_to_cpu_int4, bf16, int8, load_awq, rtn_int4, save_awq
 
@@ -507,9 +508,12 @@ def _quantized(model: nn.Module, task, config: PruningConfig, calib, out: Path, 
             lowbit.save(quantized, out / name, task.tokenizer)
             quantized = lowbit.load(out / name).to("cpu" if name in CPU_KERNELS else device)
         timed = name not in CPU_KERNELS if device.type != "cpu" else name != "awq"
+        cpu_int4 = name == "int4" and device.type == "cpu"
+        why_no_ort = onnx_decoder.unsupported(quantized) if cpu_int4 else None
+        note = QUANTIZED_NOTES[name] + (f"; not run on ONNX Runtime: {why_no_ort}" if why_no_ort else "")
         stages.append(_measure(QUANTIZED_NAMES[name], quantized, task, config, models, flops, timed=timed,
-                               changes_later=False, note=QUANTIZED_NOTES[name]))
-        if name == "int4" and device.type == "cpu" and not onnx_decoder.unsupported(quantized):
+                               changes_later=False, note=note))
+        if cpu_int4 and not why_no_ort:
             stages.append(_measure(ONNX_INT4, onnx_decoder.OrtDecoder(quantized), task, config, models, flops,
                                    changes_later=False, note=ONNX_INT4_NOTE))
     return stages

@@ -177,6 +177,15 @@ class TinyAwqDecoderTask(TinyDecoderTask):
                            architectures=["LlamaForCausalLM"])
 
 
+class TinyScaledRopeTask(TinyAwqDecoderTask):
+    """The same Llama with a scaled rotary embedding, which onnx_decoder does not write."""
+
+    def model_config(self):
+        config = super().model_config()
+        config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+        return config
+
+
 @pytest.mark.slow
 def test_decoder_pipeline_quantizes_with_awq_and_rtn(tmp_path):
     config = PruningConfig(model="tiny", neuron_fraction=0.25, protect_first=0, protect_last=0, recovery_tokens=0,
@@ -211,6 +220,18 @@ def test_encoder_pipeline_end_to_end(tmp_path):
     assert all(s.prefill_ms > 0 and s.decode_tokens_per_s is None for s in history)  # an encoder does not decode
     saved = json.loads((tmp_path / "model" / "config.json").read_text())
     assert saved["model_type"] == "pruned_bert" and saved["num_hidden_layers"] == 2
+
+
+@pytest.mark.slow
+def test_int4_that_onnx_runtime_cannot_run_says_why_in_the_report(tmp_path):
+    config = PruningConfig(model="tiny", neuron_fraction=0.25, protect_first=0, protect_last=0, recovery_tokens=0,
+                           quantize=("int4",), latency_seq=16, decode_tokens=4, timing_rounds=2)
+    history = run(config, tmp_path, progress=False, task=TinyScaledRopeTask())
+    assert [s.stage for s in history] == ["dense", "pruned", "int4 (CPU kernel, AWQ grid)"]
+    report = (tmp_path / "report.md").read_text()
+    assert ("- int4 (CPU kernel, AWQ grid): " in report
+            and "; not run on ONNX Runtime: onnx_decoder writes the default rotary embedding, not rope_type='linear'"
+            in report)
 
 
 @pytest.mark.parametrize("quantize", [("awq",), ("int8", "int4")])
