@@ -8,6 +8,9 @@ import pytest
 import torch
 
 
+THREADS = torch.get_num_threads()  # read before any test module is imported
+
+
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
     """Tiny models and one-token decoding gain nothing from a second intra-op thread, and on a
@@ -33,5 +36,22 @@ def pytest_terminal_summary(terminalreporter) -> None:
     depend on the CPU (the same suite took 17 to 52 minutes on 2-core machines), and a CI
     log shows a failing cell's traceback but not what the cell printed."""
     terminalreporter.write_line(
-        f"machine: {_cpu_model()}; torch {torch.__version__} with {torch.get_num_threads()} threads, "
+        f"machine: {_cpu_model()}; torch {torch.__version__} with {THREADS} threads, "
         f"CPU kernels {torch.backends.cpu.get_cpu_capability()}")
+
+
+def pytest_collection_finish(session) -> None:
+    """Fail at once when importing a test module changed torch's thread count: pytest imports every
+    module before the first test, so one module-level ``torch.set_num_threads(1)`` ran the whole
+    suite on one thread (tests/test_selection.py did, and training the MiniLM baseline took 1.6x as
+    long). Modules that want one thread use the ``one_thread`` fixture."""
+    if torch.get_num_threads() != THREADS:
+        raise pytest.UsageError(f"a test module set torch's threads to {torch.get_num_threads()} (from {THREADS}) "
+                                "when imported; use the one_thread fixture instead")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _threads_restored() -> Iterator[None]:
+    """A module's tests must leave torch's thread count as they found it."""
+    yield
+    assert torch.get_num_threads() == THREADS, f"the module's tests left torch with {torch.get_num_threads()} threads"

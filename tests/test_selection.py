@@ -37,7 +37,7 @@ from course_lib.selection import (
 )
 from course_lib.surgery import apply_plan, parameters_removed
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 PROPERTY = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
