@@ -102,7 +102,8 @@ def compare(models: dict[str, nn.Module], *, seq: int = 128, new_tokens: int = 3
     """Time every model in ``models`` side by side on ``batch`` x ``seq``-token prompts; returns per name
     ``prefill_ms``, ``prefill_spread_ms`` (median and interquartile range over all timed passes) and, for models that generate,
     ``decode_tokens_per_s`` and ``decode_spread`` (1000 / the median step in ms, and the IQR of the
-    steps' rates; None for encoders).
+    steps' rates; None for encoders, and for every model with ``new_tokens=0``: prefill only, without
+    the untimed prompt pass that each generation starts with).
 
     A round is ``prefill_calls`` passes of each model, taking turns pass by pass, then one
     generation of ``new_tokens`` tokens per model, taking turns token by token; the rounds rotate
@@ -112,12 +113,12 @@ def compare(models: dict[str, nn.Module], *, seq: int = 128, new_tokens: int = 3
     prefill pass (seconds) and the decode steps (a generator of seconds per step, as
     ``decode_steps``), replaceable for tests.
     """
-    for name, value in (("seq", seq), ("new_tokens", new_tokens), ("rounds", rounds),
-                        ("prefill_calls", prefill_calls), ("batch", batch)):
+    for name, value in (("seq", seq), ("rounds", rounds), ("prefill_calls", prefill_calls), ("batch", batch)):
         if value < 1:
             raise SettingError(f"{name} must be >= 1, got {value}")
-    if warmup < 0:
-        raise SettingError(f"warmup must be >= 0, got {warmup}")
+    for name, value in (("new_tokens", new_tokens), ("warmup", warmup)):
+        if value < 0:
+            raise SettingError(f"{name} must be >= 0, got {value}")
     prefill, decode = timers
     names = list(models)
     prompts = {name: prompt(model, seq, batch) for name, model in models.items()}

@@ -80,11 +80,23 @@ def test_compare_times_prompts_of_the_asked_batch():
     assert shapes == [(3, 5)]
 
 
-@pytest.mark.parametrize("argument,value", [("seq", 0), ("new_tokens", 0), ("rounds", 0), ("prefill_calls", 0),
+@pytest.mark.parametrize("argument,value", [("seq", 0), ("new_tokens", -1), ("rounds", 0), ("prefill_calls", 0),
                                             ("batch", 0), ("warmup", -1)])
 def test_compare_names_bad_settings(argument, value):
-    with pytest.raises(ValueError, match=f"{argument} must be >= {0 if argument == 'warmup' else 1}, got {value}"):
+    at_least = 0 if argument in ("new_tokens", "warmup") else 1
+    with pytest.raises(ValueError, match=f"{argument} must be >= {at_least}, got {value}"):
         timing.compare({"a": _Fake(True)}, **{argument: value})
+
+
+def test_no_new_tokens_times_prefill_only_and_runs_no_generation():
+    model = _tiny_decoder()
+    lengths = []
+    model.model.register_forward_pre_hook(lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]),
+                                          with_kwargs=True)
+    results = timing.compare({"a": model}, seq=6, new_tokens=0, rounds=2, warmup=1, prefill_calls=2)
+    assert lengths == [6] * 6  # three rounds of two passes; no prompt pass for a generation, no step
+    assert len(results["a"]["prefill_samples_ms"]) == 4
+    assert results["a"]["decode_tokens_per_s"] is None and results["a"]["decode_step_ms"] is None
 
 
 def test_decode_runs_exactly_the_asked_steps_with_the_cache():
