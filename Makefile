@@ -46,8 +46,14 @@ browser: $(BROWSER_INSTALLED)
 	  echo "browser: $(CHROMIUM) missing and neither root nor sudo; tests/test_browser_widgets.py will skip" >&2; \
 	fi
 
+# tests/ on two pytest-xdist workers (no test there times anything; conftest gives each worker its
+# share of the cores), then the notebooks in one process on all of them: their timing cells need the
+# machine to themselves. Both phases always run; make test fails if either fails.
 test: fetch browser
-	$(PY) -m pytest -q -rs --durations=15
+	status=0; \
+	$(PY) -m pytest -q -rs --durations=15 -n 2 --dist loadgroup tests || status=$$?; \
+	$(PY) -m pytest -q -rs --durations=15 notebooks || status=$$?; \
+	exit $$status
 
 # Baselines the benchmarks compare against, kept out of the course's own environment pins.
 bench-extras: setup

@@ -1,8 +1,6 @@
-"""Shared fixtures."""
+"""Shared fixtures of the unit tests (the threads of each test process: the repository's conftest.py)."""
 
-import platform
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,24 +18,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
-def pytest_terminal_summary(terminalreporter) -> None:
-    """Name the machine at the end of the log: the notebooks' timing checks and the suite's duration
-    depend on the CPU (the same suite took 17 to 52 minutes on 2-core machines), and a CI
-    log shows a failing cell's traceback but not what the cell printed."""
-    terminalreporter.write_line(
-        f"machine: {_cpu_model()}; torch {torch.__version__} with {THREADS} threads, "
-        f"CPU kernels {torch.backends.cpu.get_cpu_capability()}")
 
 
 def pytest_collection_finish(session) -> None:

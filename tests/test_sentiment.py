@@ -1,7 +1,8 @@
 """The encoder's task baseline: MiniLM fine-tuned on the snippets with the HF Trainer, cached.
 
-Runs before the notebooks (tests/ is collected first), so in a fresh checkout this is where the
-baseline is trained once (a few minutes on 2 cores) and cached for every later use.
+Runs before the notebooks (`make test` runs tests/ first), on the pytest-xdist worker of the other
+tests that load the baseline; in a fresh checkout the first of them, tests/test_browser_widgets.py,
+trains it once (a few minutes on 2 cores) and caches it for every later use.
 """
 
 import pytest
@@ -9,6 +10,8 @@ import torch
 
 from course_lib.evaluate import classifier_accuracy
 from course_lib.sentiment import _test_rows, baseline_dir, load_baseline, sentiment_accuracy
+
+pytestmark = pytest.mark.xdist_group("minilm_baseline")  # see tests/test_browser_widgets.py
 
 
 @pytest.mark.slow

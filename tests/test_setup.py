@@ -48,6 +48,36 @@ def test_make_test_installs_the_browser_test_dependencies():
     assert "install -r requirements-browser.txt" in makefile and "apt-get install -y -q chromium" in makefile
 
 
+def _make_test_pytest_runs() -> list[list[str]]:
+    """The arguments of each pytest command in the Makefile's ``test`` recipe, in order."""
+    recipe = (ROOT / "Makefile").read_text().split("\ntest: fetch browser\n", 1)[1].split("\n\n", 1)[0]
+    return [line.split("||")[0].split() for line in recipe.splitlines() if "-m pytest" in line]
+
+
+def test_make_test_runs_the_notebooks_alone_after_the_tests():
+    """tests/ may share the cores between xdist workers; the notebooks' timing cells may not."""
+    tests, notebooks = _make_test_pytest_runs()
+    assert tests[-1] == "tests" and "-n" in tests
+    assert notebooks[-1] == "notebooks" and "-n" not in notebooks
+
+
+def test_a_test_worker_and_the_processes_it_starts_get_their_share_of_the_cores():
+    """Under `make test`'s two workers, two threads each would put four OpenMP threads on two cores."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers == 1:
+        pytest.skip("not under pytest-xdist: this process keeps torch's own thread count")
+    child = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                           capture_output=True, text=True, check=True)
+    share = max(1, len(os.sched_getaffinity(0)) // workers)
+    assert torch.get_num_threads() == int(child.stdout) == share
+
+
 def test_profiles_change_sizes_not_fields():
     assert {f for f in vars(PROFILES["ci"])} == {f for f in vars(PROFILES["full"])}
     assert PROFILES["ci"].calib_samples < PROFILES["full"].calib_samples
