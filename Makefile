@@ -46,7 +46,7 @@ browser: $(BROWSER_INSTALLED)
 	  echo "browser: $(CHROMIUM) missing and neither root nor sudo; tests/test_browser_widgets.py will skip" >&2; \
 	fi
 
-# tests/ on two pytest-xdist workers (no test there times anything; conftest gives each worker its
+# tests/ on two pytest-xdist workers (no test there compares speeds; conftest gives each worker its
 # share of the cores), then the notebooks in one process on all of them: their timing cells need the
 # machine to themselves. Both phases always run; make test fails if either fails.
 test: fetch browser
