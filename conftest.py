@@ -23,8 +23,9 @@ def _threads_per_process(workers: int) -> int:
 # with two threads (the MiniLM baseline already cached).
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if WORKERS > 1:
-    torch.set_num_threads(_threads_per_process(WORKERS))
-    os.environ["OMP_NUM_THREADS"] = str(_threads_per_process(WORKERS))
+    share = _threads_per_process(WORKERS)
+    torch.set_num_threads(share)
+    os.environ["OMP_NUM_THREADS"] = str(share)
 THREADS = torch.get_num_threads()
 
 
