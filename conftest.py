@@ -5,6 +5,7 @@ import os
 import platform
 from pathlib import Path
 
+import pytest
 import torch
 
 
@@ -16,9 +17,10 @@ def _threads_per_process(workers: int) -> int:
     return max(1, _cores() // workers)
 
 
-# `make test` runs tests/ on two pytest-xdist workers (the notebooks run afterwards, alone): each
-# worker, and every process its tests start (CLI runs, fresh-process reloads, JupyterLab's kernel),
-# gets its share of the cores, so that two workers never put four OpenMP threads on two cores.
+# `make test` runs tests/ and the notebooks that time nothing on two pytest-xdist workers (the
+# timed notebooks run afterwards, alone): each worker, and every process it starts (CLI runs,
+# fresh-process reloads, a notebook's kernel, JupyterLab's), gets its share of the cores, so that
+# two workers never put four OpenMP threads on two cores.
 # Measured on a 2-core EPYC: tests/ in 201 s on two one-thread workers against 320 s in one process
 # with two threads (the MiniLM baseline already cached).
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
@@ -27,6 +29,20 @@ if WORKERS > 1:
     torch.set_num_threads(share)
     os.environ["OMP_NUM_THREADS"] = str(share)
 THREADS = torch.get_num_threads()
+
+
+# Notebooks whose cells time models against each other (latency ratios, speedups, a neighbour's
+# effect): `make test` runs them last, alone on all the cores (`-m timed`). The others share the
+# cores with tests/ on two workers (`-m "not timed"`), one thread each, whatever they print.
+TIMED_NOTEBOOKS = {"01_why_structure_matters", "03_head_pruning", "05_mlp_neuron_pruning",
+                   "08_prune_recover_quantize", "09_pipeline_and_benchmarks", "10_interview_and_capstone"}
+
+
+def pytest_itemcollected(item) -> None:
+    """Mark the timed notebooks' cells ``timed`` (``--dist loadfile`` keeps each notebook's cells on
+    one worker, and so in one kernel, in order)."""
+    if item.path.suffix == ".ipynb" and item.path.stem in TIMED_NOTEBOOKS:
+        item.add_marker(pytest.mark.timed)
 
 
 def _cpu_model() -> str:
@@ -47,3 +63,5 @@ def pytest_terminal_summary(terminalreporter) -> None:
                else f"{THREADS} threads")
     terminalreporter.write_line(f"machine: {_cpu_model()}; torch {torch.__version__} with {threads}, "
                                 f"CPU kernels {torch.backends.cpu.get_cpu_capability()}")
+
+

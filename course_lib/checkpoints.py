@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .errors import SettingError
 from . import pruned_modeling  # noqa: F401  (registers the pruned types: the checkpoints load with the Auto classes)
-from .paths import cache_dir, staged_directory
+from .paths import build_once, cache_dir, staged_directory
 from .profiles import Profile, get_profile
 
 
@@ -108,7 +108,8 @@ def course_checkpoint(name: str, profile: str | None = None, built: tuple | None
         raise SettingError(f"checkpoint name={name!r} is unknown; choose one of {sorted(RECIPES)}")
     chosen = get_profile(profile)
     directory = checkpoint_dir(name, chosen.name)
-    if not (directory / "recipe.json").exists():
+
+    def store() -> None:
         recipe = RECIPES[name]
         model, tokenizer, plan = built if built is not None else recipe.build(chosen)
         with staged_directory(directory) as staged:
@@ -117,4 +118,5 @@ def course_checkpoint(name: str, profile: str | None = None, built: tuple | None
             (staged / "recipe.json").write_text(json.dumps(
                 {"name": name, "notebook": recipe.notebook, "description": recipe.description,
                  "profile": chosen.name, "plan": plan}, indent=2))
-    return directory
+
+    return build_once(directory, "recipe.json", store)

@@ -20,7 +20,7 @@ from transformers import AutoTokenizer, BertForSequenceClassification, DataColla
 from . import zoo
 from .data import load_sentiment
 from .evaluate import classifier_accuracy
-from .paths import cache_dir, staged_directory
+from .paths import build_once, cache_dir, staged_directory
 from .profiles import get_profile
 from .recovery import RecoveryConfig, fine_tune
 
@@ -109,9 +109,8 @@ def train_baseline(config: RecoveryConfig = BASELINE_CONFIG, profile: str | None
 
 def load_baseline(profile: str | None = None, progress: bool = True, corpus: DatasetDict | None = None):
     """(model, tokenizer, metrics) of the fine-tuned classifier, training it first if needed."""
-    directory = baseline_dir(profile, corpus)
-    if not (directory / "metrics.json").exists():
-        train_baseline(profile=profile, progress=progress, corpus=corpus)
+    directory = build_once(baseline_dir(profile, corpus), "metrics.json",
+                           lambda: train_baseline(profile=profile, progress=progress, corpus=corpus))
     model = BertForSequenceClassification.from_pretrained(directory).eval()
     tokenizer = AutoTokenizer.from_pretrained(directory)
     return model, tokenizer, json.loads((directory / "metrics.json").read_text())

@@ -37,9 +37,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-# the tests that load the embedded MiniLM baseline run on one pytest-xdist worker (`make test`), this one
-# first: it fine-tunes the baseline where the cache lacks it, and two workers must not both train it
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("minilm_baseline")]
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 COURSE_NOTEBOOK = ROOT / "notebooks" / "03_head_pruning.ipynb"

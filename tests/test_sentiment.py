@@ -1,8 +1,9 @@
 """The encoder's task baseline: MiniLM fine-tuned on the snippets with the HF Trainer, cached.
 
-Runs before the notebooks (`make test` runs tests/ first), on the pytest-xdist worker of the other
-tests that load the baseline; in a fresh checkout the first of them, tests/test_browser_widgets.py,
-trains it once (a few minutes on 2 cores) and caches it for every later use.
+`make test` fine-tunes it on all the cores before the tests start (``python -m course_lib.fetch
+--baseline``, a few minutes on 2 cores in a fresh checkout); under a plain `pytest` the first test
+that needs it trains it, and any other process that needs it meanwhile waits for that one
+(``paths.build_once``).
 """
 
 import pytest
@@ -10,8 +11,6 @@ import torch
 
 from course_lib.evaluate import classifier_accuracy
 from course_lib.sentiment import _test_rows, baseline_dir, load_baseline, sentiment_accuracy
-
-pytestmark = pytest.mark.xdist_group("minilm_baseline")  # see tests/test_browser_widgets.py
 
 
 @pytest.mark.slow

@@ -1,5 +1,9 @@
 """The setup contract: one pinned list of dependencies, two commands, and a CI that calls them."""
 
+import importlib.util
+import json
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -32,7 +36,7 @@ def test_every_dependency_is_pinned_exactly():
 def test_torch_is_the_cpu_pin_installed_first():
     assert _pins((ROOT / "requirements.txt").read_text().splitlines())[0] == "torch==2.13.0"
     makefile = (ROOT / "Makefile").read_text()
-    assert makefile.index("install torch==2.13.0") < makefile.index("install -r requirements.txt")
+    assert makefile.index("$(INSTALL) torch==2.13.0") < makefile.index("$(INSTALL) -r requirements.txt")
 
 
 def test_ci_runs_the_readme_test_command():
@@ -44,21 +48,42 @@ def test_ci_runs_the_readme_test_command():
 def test_make_test_installs_the_browser_test_dependencies():
     """The browser test skips without Playwright and Chromium; `make test` must try to provide them."""
     makefile = (ROOT / "Makefile").read_text()
-    assert "test: fetch browser" in makefile
-    assert "install -r requirements-browser.txt" in makefile and "apt-get install -y -q chromium" in makefile
+    assert "test: baseline browser" in makefile
+    assert "$(INSTALL) -r requirements-browser.txt" in makefile and "apt-get install -y -q chromium" in makefile
 
 
 def _make_test_pytest_runs() -> list[list[str]]:
     """The arguments of each pytest command in the Makefile's ``test`` recipe, in order."""
-    recipe = (ROOT / "Makefile").read_text().split("\ntest: fetch browser\n", 1)[1].split("\n\n", 1)[0]
-    return [line.split("||")[0].split() for line in recipe.splitlines() if "-m pytest" in line]
+    recipe = (ROOT / "Makefile").read_text().split("\ntest: baseline browser\n", 1)[1].split("\n\n", 1)[0]
+    return [shlex.split(line.split("||")[0].split("-m pytest", 1)[1]) for line in recipe.splitlines() if "-m pytest" in line]
 
 
-def test_make_test_runs_the_notebooks_alone_after_the_tests():
-    """tests/ may share the cores between xdist workers; the notebooks' timing cells may not."""
-    tests, notebooks = _make_test_pytest_runs()
-    assert tests[-1] == "tests" and "-n" in tests
-    assert notebooks[-1] == "notebooks" and "-n" not in notebooks
+def test_make_test_runs_the_timed_notebooks_alone_after_everything_else():
+    """tests/ and the notebooks that time nothing may share the cores between xdist workers (each
+    notebook on one worker: its cells share a kernel); the timed notebooks may not."""
+    shared, alone = _make_test_pytest_runs()
+    assert shared[-2:] == ["tests", "notebooks"] and "-n" in shared
+    assert shared[shared.index("--dist") + 1] == "loadfile" and shared[shared.index("-m") + 1] == "not timed"
+    assert alone[-1] == "notebooks" and "-n" not in alone and alone[alone.index("-m") + 1] == "timed"
+
+
+TIMING_CALLS = re.compile(r"\b(timing\.\w+|latency|compare_latency|matmul_time|check_capstone)\(")
+
+
+def test_every_notebook_that_times_models_runs_alone():
+    """A notebook calling the course's timing functions belongs in conftest.TIMED_NOTEBOOKS: on a
+    shared worker, a neighbour's work would move the ratios its checks assert."""
+    spec = importlib.util.spec_from_file_location("root_conftest", ROOT / "conftest.py")
+    root_conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(root_conftest)
+    TIMED_NOTEBOOKS = root_conftest.TIMED_NOTEBOOKS
+    stems = {path.stem: path for path in (ROOT / "notebooks").glob("*.ipynb")}
+    assert TIMED_NOTEBOOKS <= set(stems), TIMED_NOTEBOOKS - set(stems)
+    timing = {stem for stem, path in stems.items()
+              if any(TIMING_CALLS.search("".join(cell["source"]))
+                     for cell in json.loads(path.read_text())["cells"] if cell["cell_type"] == "code")}
+    assert timing, "no notebook calls a timing function: the pattern is stale"
+    assert timing <= TIMED_NOTEBOOKS, f"time models but share the cores: {sorted(timing - TIMED_NOTEBOOKS)}"
 
 
 def test_a_test_worker_and_the_processes_it_starts_get_their_share_of_the_cores():

@@ -31,7 +31,6 @@ def test_decoder_recovery_trains_on_calibration_and_validates_on_validation_arti
     assert len(train) * profile.recovery_seq > task.recovery_tokens
 
 
-@pytest.mark.xdist_group("minilm_baseline")  # loads the baseline: see tests/test_browser_widgets.py
 def test_encoder_recovery_uses_the_baselines_train_examples_and_the_validation_split():
     profile = get_profile("ci")
     task = EncoderTask(profile, "minilm-l6")
