@@ -3,10 +3,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# --no-compile: Python compiles each module on its first import, so the thousands of files of
-# torch, transformers and jupyterlab that no test imports are never compiled (48 s less set-up on 2 cores)
+# pip compiles every module to bytecode as it installs (48 s of the set-up on 2 cores). Keep it: where
+# PYTHONDONTWRITEBYTECODE is set (as on the machines this course is developed on), a module left
+# uncompiled is compiled again at every import, in every kernel and subprocess (5-10 s each).
 PIP := $(PY) -m pip --disable-pip-version-check -q
-INSTALL := $(PIP) install --no-compile
+INSTALL := $(PIP) install
 INSTALLED := $(VENV)/.installed
 BROWSER_INSTALLED := $(VENV)/.browser-installed
 CHROMIUM := /usr/bin/chromium
@@ -55,12 +56,13 @@ browser: $(BROWSER_INSTALLED)
 	fi
 
 # First tests/ and the notebooks that time nothing, on two pytest-xdist workers with half the cores
-# each (--dist loadfile: a notebook's cells stay in one kernel, in order); then the notebooks that time
+# each (--dist loadfile: a notebook's cells stay in one kernel, in order; the notebooks are handed out
+# first, see conftest.py); then the notebooks that time
 # models (conftest.TIMED_NOTEBOOKS), in one process on all the cores: their timing cells need the
 # machine to themselves. Both phases always run; make test fails if either fails.
 test: baseline browser
 	status=0; \
-	$(PY) -m pytest -q -rs --durations=15 -n 2 --dist loadfile -m "not timed" tests notebooks || status=$$?; \
+	$(PY) -m pytest -q -rs --durations=15 -n 2 --dist loadfile --no-loadscope-reorder -m "not timed" tests notebooks || status=$$?; \
 	$(PY) -m pytest -q -rs --durations=15 -m timed notebooks || status=$$?; \
 	exit $$status
 

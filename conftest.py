@@ -45,6 +45,15 @@ def pytest_itemcollected(item) -> None:
         item.add_marker(pytest.mark.timed)
 
 
+def pytest_collection_modifyitems(items) -> None:
+    """On xdist workers, the notebooks before tests/ (a stable sort: each file keeps its order). The
+    scheduler hands out whole files in this order (`make test` turns off its own reordering): the
+    untimed notebooks take minutes each, the tests seconds, so the tests fill in at the end and the
+    two workers finish together, where a notebook handed out last would leave one worker idle."""
+    if WORKERS > 1:
+        items.sort(key=lambda item: item.path.suffix != ".ipynb")
+
+
 def _cpu_model() -> str:
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():

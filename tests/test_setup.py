@@ -63,7 +63,7 @@ def test_make_test_runs_the_timed_notebooks_alone_after_everything_else():
     notebook on one worker: its cells share a kernel); the timed notebooks may not."""
     shared, alone = _make_test_pytest_runs()
     assert shared[-2:] == ["tests", "notebooks"] and "-n" in shared
-    assert shared[shared.index("--dist") + 1] == "loadfile" and shared[shared.index("-m") + 1] == "not timed"
+    assert shared[shared.index("--dist") + 1] == "loadfile" and "--no-loadscope-reorder" in shared and shared[shared.index("-m") + 1] == "not timed"
     assert alone[-1] == "notebooks" and "-n" not in alone and alone[alone.index("-m") + 1] == "timed"
 
 
