@@ -33,7 +33,8 @@ THREADS = torch.get_num_threads()
 
 # Notebooks whose cells time models against each other (latency ratios, speedups, a neighbour's
 # effect): `make test` runs them last, alone on all the cores (`-m timed`). The others share the
-# cores with tests/ on two workers (`-m "not timed"`), one thread each, whatever they print.
+# cores with tests/ on two workers (`-m "not timed"`), one thread each: 02 prints how long its
+# scoring methods took, and none of them asserts on a time.
 TIMED_NOTEBOOKS = {"01_why_structure_matters", "03_head_pruning", "05_mlp_neuron_pruning",
                    "08_prune_recover_quantize", "09_pipeline_and_benchmarks", "10_interview_and_capstone"}
 
@@ -72,5 +73,3 @@ def pytest_terminal_summary(terminalreporter) -> None:
                else f"{THREADS} threads")
     terminalreporter.write_line(f"machine: {_cpu_model()}; torch {torch.__version__} with {threads}, "
                                 f"CPU kernels {torch.backends.cpu.get_cpu_capability()}")
-
-

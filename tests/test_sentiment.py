@@ -35,3 +35,18 @@ def test_length_sorted_batches_predict_what_one_text_at_a_time_does():
         # scored against the unbatched predictions as labels: any prediction a padded batch flips costs 1/40
         assert classifier_accuracy(model, tokenizer, texts, one_by_one, batch_size=8) == 1.0
     assert 0 < sum(one_by_one) < len(texts)  # both classes predicted: the check can fail
+
+
+def test_fetch_fine_tunes_the_baseline_only_when_asked(monkeypatch, capsys):
+    """`make test` runs `python -m course_lib.fetch --baseline` before its workers share the cores."""
+    from course_lib import data, fetch, sentiment, zoo
+
+    calls = []
+    monkeypatch.setattr(data, "fetch_all", lambda: calls.append("data"))
+    monkeypatch.setattr(zoo, "prepare_all", lambda: calls.append("models"))
+    monkeypatch.setattr(sentiment, "load_baseline", lambda: calls.append("baseline") or (None, None, {"test_accuracy": 0.8}))
+    fetch.main([])
+    assert calls == ["data", "models"]
+    fetch.main(["--baseline"])
+    assert calls[2:] == ["data", "models", "baseline"]
+    assert "MiniLM baseline ready: test accuracy 0.800" in capsys.readouterr().out

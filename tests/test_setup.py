@@ -52,6 +52,12 @@ def test_make_test_installs_the_browser_test_dependencies():
     assert "$(INSTALL) -r requirements-browser.txt" in makefile and "apt-get install -y -q chromium" in makefile
 
 
+def test_make_test_fine_tunes_the_baseline_on_all_cores_before_the_workers_start():
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = makefile.split("\nbaseline: setup\n", 1)[1].split("\n\n", 1)[0]
+    assert recipe.strip() == "$(PY) -m course_lib.fetch --baseline" and "test: baseline browser" in makefile
+
+
 def _make_test_pytest_runs() -> list[list[str]]:
     """The arguments of each pytest command in the Makefile's ``test`` recipe, in order."""
     recipe = (ROOT / "Makefile").read_text().split("\ntest: baseline browser\n", 1)[1].split("\n\n", 1)[0]
