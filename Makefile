@@ -57,9 +57,9 @@ browser: $(BROWSER_INSTALLED)
 
 # First tests/ and the notebooks that time nothing, on two pytest-xdist workers with half the cores
 # each (--dist loadfile: a notebook's cells stay in one kernel, in order; the notebooks are handed out
-# first, see conftest.py); then the notebooks that time
-# models (conftest.TIMED_NOTEBOOKS), in one process on all the cores: their timing cells need the
-# machine to themselves. Both phases always run; make test fails if either fails.
+# first, see conftest.py); then the notebooks that time models (conftest.TIMED_NOTEBOOKS), in one
+# process on all the cores: their timing cells need the machine to themselves. Both phases always
+# run; make test fails if either fails.
 test: baseline browser
 	status=0; \
 	$(PY) -m pytest -q -rs --durations=15 -n 2 --dist loadfile --no-loadscope-reorder -m "not timed" tests notebooks || status=$$?; \
