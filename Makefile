@@ -7,7 +7,6 @@ PY := $(VENV)/bin/python
 # PYTHONDONTWRITEBYTECODE is set (as on the machines this course is developed on), a module left
 # uncompiled is compiled again at every import, in every kernel and subprocess (5-10 s each).
 PIP := $(PY) -m pip --disable-pip-version-check -q
-INSTALL := $(PIP) install
 INSTALLED := $(VENV)/.installed
 BROWSER_INSTALLED := $(VENV)/.browser-installed
 CHROMIUM := /usr/bin/chromium
@@ -17,10 +16,10 @@ APT_CHROMIUM := DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
 
 $(INSTALLED): requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(INSTALL) torch==2.13.0
-	$(INSTALL) -r requirements.txt
-	$(INSTALL) --no-deps -r requirements-nodeps.txt
-	$(INSTALL) --no-deps --no-build-isolation -e .
+	$(PIP) install torch==2.13.0
+	$(PIP) install -r requirements.txt
+	$(PIP) install --no-deps -r requirements-nodeps.txt
+	$(PIP) install --no-deps --no-build-isolation -e .
 	touch $@
 
 setup: $(INSTALLED)
@@ -37,7 +36,7 @@ demo: fetch
 	$(PY) -m course_lib demo
 
 $(BROWSER_INSTALLED): requirements-browser.txt $(INSTALLED)
-	$(INSTALL) -r requirements-browser.txt
+	$(PIP) install -r requirements-browser.txt
 	touch $@
 
 # What tests/test_browser_widgets.py drives: Playwright (pinned) and Debian's chromium, installed
@@ -68,7 +67,7 @@ test: baseline browser
 
 # Baselines the benchmarks compare against, kept out of the course's own environment pins.
 bench-extras: setup
-	$(INSTALL) --no-deps -r benchmarks/requirements-extras.txt
+	$(PIP) install --no-deps -r benchmarks/requirements-extras.txt
 
 clean-cache:
 	rm -rf data/cache

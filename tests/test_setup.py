@@ -36,7 +36,7 @@ def test_every_dependency_is_pinned_exactly():
 def test_torch_is_the_cpu_pin_installed_first():
     assert _pins((ROOT / "requirements.txt").read_text().splitlines())[0] == "torch==2.13.0"
     makefile = (ROOT / "Makefile").read_text()
-    assert makefile.index("$(INSTALL) torch==2.13.0") < makefile.index("$(INSTALL) -r requirements.txt")
+    assert makefile.index("install torch==2.13.0") < makefile.index("install -r requirements.txt")
 
 
 def test_ci_runs_the_readme_test_command():
@@ -49,7 +49,7 @@ def test_make_test_installs_the_browser_test_dependencies():
     """The browser test skips without Playwright and Chromium; `make test` must try to provide them."""
     makefile = (ROOT / "Makefile").read_text()
     assert "test: baseline browser" in makefile
-    assert "$(INSTALL) -r requirements-browser.txt" in makefile and "apt-get install -y -q chromium" in makefile
+    assert "install -r requirements-browser.txt" in makefile and "apt-get install -y -q chromium" in makefile
 
 
 def test_make_test_fine_tunes_the_baseline_on_all_cores_before_the_workers_start():
