@@ -58,8 +58,10 @@ browser: $(BROWSER_INSTALLED)
 # each (--dist loadfile: a notebook's cells stay in one kernel, in order; the notebooks are handed out
 # first, see conftest.py); then the notebooks that time models (conftest.TIMED_NOTEBOOKS), in one
 # process on all the cores: their timing cells need the machine to themselves. Both phases always
-# run; make test fails if either fails.
-test: baseline browser
+# run; make test fails if either fails. Before them, the baseline's fine-tuning (compute) and the
+# browser's install (downloads and dpkg: ~30 s on a fresh machine) overlap, as two make jobs.
+test: setup
+	$(MAKE) --no-print-directory -j2 baseline browser
 	status=0; \
 	$(PY) -m pytest -q -rs --durations=15 -n 2 --dist loadfile --no-loadscope-reorder -m "not timed" tests notebooks || status=$$?; \
 	$(PY) -m pytest -q -rs --durations=15 -m timed notebooks || status=$$?; \

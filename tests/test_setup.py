@@ -45,23 +45,31 @@ def test_ci_runs_the_readme_test_command():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 
+def _recipe(rule: str) -> list[str]:
+    """The lines of the Makefile recipe under ``rule`` (its ``target: prerequisites`` line)."""
+    return (ROOT / "Makefile").read_text().split(f"\n{rule}\n", 1)[1].split("\n\n", 1)[0].splitlines()
+
+
 def test_make_test_installs_the_browser_test_dependencies():
     """The browser test skips without Playwright and Chromium; `make test` must try to provide them."""
     makefile = (ROOT / "Makefile").read_text()
-    assert "test: baseline browser" in makefile
+    assert _recipe("test: setup")[0].split()[-2:] == ["baseline", "browser"]
     assert "install -r requirements-browser.txt" in makefile and "apt-get install -y -q chromium" in makefile
 
 
 def test_make_test_fine_tunes_the_baseline_on_all_cores_before_the_workers_start():
-    makefile = (ROOT / "Makefile").read_text()
-    recipe = makefile.split("\nbaseline: setup\n", 1)[1].split("\n\n", 1)[0]
-    assert recipe.strip() == "$(PY) -m course_lib.fetch --baseline" and "test: baseline browser" in makefile
+    """The baseline's fine-tuning and the browser's install run as two make jobs (they overlap),
+    both before the first pytest command."""
+    assert [line.strip() for line in _recipe("baseline: setup")] == ["$(PY) -m course_lib.fetch --baseline"]
+    first, *rest = _recipe("test: setup")
+    assert shlex.split(first.strip()) == ["$(MAKE)", "--no-print-directory", "-j2", "baseline", "browser"]
+    assert "-m pytest" in rest[1] and not any("baseline" in line for line in rest)
 
 
 def _make_test_pytest_runs() -> list[list[str]]:
     """The arguments of each pytest command in the Makefile's ``test`` recipe, in order."""
-    recipe = (ROOT / "Makefile").read_text().split("\ntest: baseline browser\n", 1)[1].split("\n\n", 1)[0]
-    return [shlex.split(line.split("||")[0].split("-m pytest", 1)[1]) for line in recipe.splitlines() if "-m pytest" in line]
+    return [shlex.split(line.split("||")[0].split("-m pytest", 1)[1]) for line in _recipe("test: setup")
+            if "-m pytest" in line]
 
 
 def test_make_test_runs_the_timed_notebooks_alone_after_everything_else():
